@@ -1,0 +1,127 @@
+"""MedVLM: vision encoder -> projector -> decoder, with prompt splicing and cached generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from edgevlm.models.config import MedVLMConfig
+from edgevlm.models.decoder import Decoder, setup_cache
+from edgevlm.models.projector import Projector
+from edgevlm.models.vision import VisionEncoder3D
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    seed: int | None = None
+
+
+class MedVLM(nn.Module):
+    def __init__(self, cfg: MedVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder3D(cfg.vision)
+        self.projector = Projector(cfg.projector, cfg.vision.dim, cfg.decoder.dim, cfg.vision.grid)
+        self.decoder = Decoder(cfg.decoder)
+        self.apply(init_weights)
+
+    def encode_image(self, volume: Tensor) -> Tensor:
+        """(B, 1, D, H, W) preprocessed volume -> (B, M, decoder_dim) visual tokens."""
+        return self.projector(self.vision.patch_tokens(volume))
+
+    def embed(self, input_ids: Tensor, visual: Tensor, image_token_id: int) -> Tensor:
+        """Token embeddings with the k-th image placeholder of each row replaced by visual token k."""
+        is_image = input_ids == image_token_id  # (B, T)
+        text = self.decoder.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        # Index of the visual token for each placeholder: its rank among the row's placeholders.
+        index = (is_image.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        spliced = visual.gather(1, index[..., None].expand(-1, -1, visual.shape[-1]))  # (B, T, dim)
+        return torch.where(is_image[..., None], spliced.to(text.dtype), text)
+
+    def forward(self, volume: Tensor, input_ids: Tensor, image_token_id: int) -> Tensor:
+        """Training/scoring path: logits (B, T, vocab) for a batch of full sequences."""
+        return self.decoder(self.embed(input_ids, self.encode_image(volume), image_token_id))
+
+    @torch.no_grad()
+    def generate(self, volume: Tensor, prompt_ids: Sequence[Sequence[int]], image_token_id: int,
+                 gen: GenerationConfig) -> list[list[int]]:
+        """Generate continuations for B prompts (one volume each); returns the new token ids per row.
+
+        Prompts are left-padded to a common length; the prefix is computed once (prefill) into a
+        preallocated KV cache and each new token costs one single-position decoder step.
+        """
+        b = len(prompt_ids)
+        if volume.shape[0] != b:
+            raise ValueError(f"{volume.shape[0]} volumes for {b} prompts")
+        visual = self.encode_image(volume)
+        n_visual = visual.shape[1]
+        for row in prompt_ids:
+            n = sum(1 for t in row if t == image_token_id)
+            if n != n_visual:
+                raise ValueError(f"prompt has {n} image placeholders, the model produces {n_visual} visual tokens")
+        device = visual.device
+        t = max(len(p) for p in prompt_ids)
+        total = t + gen.max_new_tokens
+        pad = torch.tensor([t - len(p) for p in prompt_ids], device=device)
+        ids = torch.full((b, t), gen.pad_id, dtype=torch.long, device=device)
+        for i, row in enumerate(prompt_ids):
+            ids[i, t - len(row):] = torch.tensor(list(row), dtype=torch.long, device=device)
+        slots = torch.arange(total, device=device)
+        key_valid = slots[None, :] >= pad[:, None]  # (B, S): left padding is never attended
+        cache = setup_cache(self.cfg.decoder, b, total, dtype=visual.dtype, device=device)
+        generator = None
+        if gen.temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0 if gen.seed is None else gen.seed)
+
+        input_pos = slots[:t]
+        rope_pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        logits = self.decoder(self.embed(ids, visual, image_token_id), input_pos, cache, rope_pos, key_valid)
+        stop = torch.tensor(list(gen.stop_ids), dtype=torch.long, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        out: list[list[int]] = [[] for _ in range(b)]
+        for step in range(gen.max_new_tokens):
+            token = sample(logits[:, -1], gen.temperature, gen.top_p, generator)  # (B,)
+            for i in range(b):
+                if not finished[i]:
+                    out[i].append(int(token[i]))
+            finished |= torch.isin(token, stop)
+            if bool(finished.all()) or step == gen.max_new_tokens - 1:
+                break
+            pos = slots[t + step: t + step + 1]
+            embeds = self.decoder.embed_tokens(token[:, None])
+            logits = self.decoder(embeds, pos, cache, (pos[None, :] - pad[:, None]), key_valid)
+        return out
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Llama/ViT-style init (normal, std 0.02): keeps fresh logits O(1) in any width."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, VisionEncoder3D):
+        for name, p in module.named_parameters(recurse=False):
+            if name.startswith(("pos_embed", "cls_token")):
+                nn.init.normal_(p, std=std)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy when temperature == 0, else nucleus (top-p) sampling. logits (B, V) -> (B,)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)

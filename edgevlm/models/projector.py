@@ -1,0 +1,30 @@
+"""Projector: vision tokens on the (d, h, w) grid -> decoder-width visual tokens."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgevlm.models.config import ProjectorConfig
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, decoder_dim: int, grid: tuple[int, int, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = grid
+        hidden = cfg.hidden_dim or decoder_dim
+        # Linear-GELU-Linear; attribute names follow M3D-LaMed's `projector.0` / `projector.2`.
+        self.linear1 = nn.Linear(vision_dim, hidden)
+        self.linear2 = nn.Linear(hidden, decoder_dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, N, vision_dim) grid tokens in raster order -> (B, M, decoder_dim)."""
+        if self.cfg.kind == "spp":
+            b, _, c = tokens.shape
+            d, h, w = self.grid
+            # (B, N, C) -> (B, C, d, h, w) -> pooled (B, C, d', h', w') -> (B, M, C)
+            x = tokens.transpose(1, 2).reshape(b, c, d, h, w)
+            x = F.avg_pool3d(x, kernel_size=self.cfg.pool, stride=self.cfg.pool)
+            tokens = x.flatten(2).transpose(1, 2)
+        return self.linear2(F.gelu(self.linear1(tokens)))

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from edgevlm.models import GenerationConfig, MedVLM, sample
+
+
+def _prompts(cfg, lengths, image_id=3, vocab=97):
+    rows = []
+    for n in lengths:
+        text = torch.randint(5, vocab, (n,)).tolist()
+        rows.append([1] + [image_id] * cfg.num_visual_tokens + text)
+    return rows
+
+
+def test_visual_tokens_are_spliced_at_placeholders(tiny_cfg):
+    model = MedVLM(tiny_cfg).eval()
+    volume = torch.randn(1, 1, 8, 16, 16)
+    ids = torch.tensor(_prompts(tiny_cfg, [4]))
+    visual = model.encode_image(volume)
+    assert visual.shape == (1, 8, 48)
+    embeds = model.embed(ids, visual, image_token_id=3)
+    torch.testing.assert_close(embeds[0, 1:9], visual[0])
+    torch.testing.assert_close(embeds[0, 0], model.decoder.embed_tokens.weight[1])
+    torch.testing.assert_close(embeds[0, 9:], model.decoder.embed_tokens(ids[0, 9:]))
+
+
+def test_forward_shapes(tiny_cfg):
+    model = MedVLM(tiny_cfg)
+    ids = torch.tensor(_prompts(tiny_cfg, [5, 5]))
+    logits = model(torch.randn(2, 1, 8, 16, 16), ids, image_token_id=3)
+    assert logits.shape == (2, ids.shape[1], 97)
+
+
+def test_greedy_generation_is_deterministic_and_uses_cache_consistently(tiny_cfg):
+    model = MedVLM(tiny_cfg).eval()
+    volume = torch.randn(2, 1, 8, 16, 16)
+    prompts = _prompts(tiny_cfg, [6, 3])  # different lengths: left padding path
+    gen = GenerationConfig(max_new_tokens=10)
+    first = model.generate(volume, prompts, 3, gen)
+    assert first == model.generate(volume, prompts, 3, gen)
+    assert all(len(row) == 10 for row in first)
+    # Each row equals generating it alone, and equals greedy decoding by full recomputation.
+    for i in range(2):
+        alone = model.generate(volume[i:i + 1], [prompts[i]], 3, gen)[0]
+        assert alone == first[i]
+        ids = torch.tensor([prompts[i]])
+        with torch.no_grad():
+            for _ in range(10):
+                nxt = model(volume[i:i + 1], ids, 3)[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        assert ids[0, len(prompts[i]):].tolist() == first[i]
+
+
+def test_stop_tokens_end_generation(tiny_cfg):
+    model = MedVLM(tiny_cfg).eval()
+    volume = torch.randn(1, 1, 8, 16, 16)
+    prompts = _prompts(tiny_cfg, [4])
+    free = model.generate(volume, prompts, 3, GenerationConfig(max_new_tokens=8))[0]
+    stopped = model.generate(volume, prompts, 3, GenerationConfig(max_new_tokens=8, stop_ids=(free[2],)))[0]
+    assert stopped == free[: free.index(free[2]) + 1]
+
+
+def test_top_p_sampling_is_seeded_and_respects_nucleus():
+    logits = torch.tensor([[4.0, 3.9, -5.0, -6.0]])
+    g = torch.Generator().manual_seed(1)
+    draws = {int(sample(logits, 1.0, 0.5, g)) for _ in range(200)}
+    assert draws == {0}  # token 0 alone already holds > 50% of the mass
+    g = torch.Generator().manual_seed(1)
+    draws = {int(sample(logits, 1.0, 0.99, g)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(sample(logits, 0.0, 1.0, None)) == 0
+
+
+def test_sampled_generation_reproducible_for_seed(tiny_cfg):
+    model = MedVLM(tiny_cfg).eval()
+    volume = torch.randn(1, 1, 8, 16, 16)
+    prompts = _prompts(tiny_cfg, [4])
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=7)
+    assert model.generate(volume, prompts, 3, gen) == model.generate(volume, prompts, 3, gen)
+
+
+def test_placeholder_count_must_match(tiny_cfg):
+    model = MedVLM(tiny_cfg).eval()
+    with pytest.raises(ValueError, match="image placeholders"):
+        model.generate(torch.randn(1, 1, 8, 16, 16), [[1, 3, 3, 5]], 3, GenerationConfig(max_new_tokens=2))
