@@ -71,7 +71,7 @@ def _root(
 
 def _register() -> None:
     # Importing a module registers its commands; heavy imports stay inside the command bodies.
-    from edgevlm.cli import info  # noqa: F401
+    from edgevlm.cli import info, studies  # noqa: F401
 
 
 _register()
