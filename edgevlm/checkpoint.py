@@ -43,7 +43,7 @@ class Checkpoint:
     config: MedVLMConfig
     tokenizer_json: str | None
     path: Path
-    kind: str  # "edgevlm" | "torch" | "hf-dir"
+    kind: str  # "edgevlm" | "torch" | "hf-dir" | an importer name ("m3d-lamed")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -180,11 +180,28 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise EdgeVLMError(f"not a readable safetensors file ({e})", file) from None
 
 
-def read_config(path: str | Path, config: Any = None) -> tuple[MedVLMConfig, str | None, dict[str, Any]]:
-    """(config, tokenizer JSON, extra) of a checkpoint, without loading its weights where possible."""
-    if config is None and str(path) in PRESETS:
+def _import_plan(path: Path, from_: str | None) -> Any:
+    """Hook for public checkpoints (edgevlm.importers): their plan, or None for edgevlm's own formats."""
+    from edgevlm.importers import plan_import
+
+    plan = plan_import(path, from_)
+    if plan is not None and plan.config is None:
+        raise EdgeVLMError(f"{plan.source}: a vision tower alone (no decoder) is not a whole model; load it "
+                           "with edgevlm.importers.m3d.load_m3d_vision or pass the model's full folder", path)
+    return plan
+
+
+def read_config(path: str | Path, config: Any = None,
+                from_: str | None = None) -> tuple[MedVLMConfig, str | None, dict[str, Any]]:
+    """(config, tokenizer JSON, extra) of a checkpoint, without loading its weights where possible.
+
+    `from_` forces a public-checkpoint importer (e.g. "m3d-lamed"); by default one is auto-detected."""
+    if config is None and from_ is None and str(path) in PRESETS:
         return PRESETS[str(path)](), None, {}
     path = Path(path)
+    plan = _import_plan(path, from_)
+    if plan is not None:
+        return (plan.config if config is None else _config_from(config, path)), plan.tokenizer_json, plan.extra
     kind = checkpoint_kind(path)
     if kind == "edgevlm":
         meta = _safetensors_metadata(path)
@@ -250,9 +267,18 @@ def load_state(model: MedVLM, tensors: Iterator[tuple[str, torch.Tensor]] | dict
     return model
 
 
-def load_checkpoint(path: str | Path, config: Any = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load any supported checkpoint into a MedVLM in eval mode (on CPU, in `dtype`)."""
+def load_checkpoint(path: str | Path, config: Any = None, dtype: torch.dtype = torch.float32,
+                    from_: str | None = None) -> Checkpoint:
+    """Load any supported checkpoint into a MedVLM in eval mode (on CPU, in `dtype`).
+
+    Public checkpoints (M3D-LaMed folders) are auto-detected or forced with `from_`, and streamed one
+    tensor at a time through their importer's key map (edgevlm.importers)."""
     path = Path(path)
+    plan = _import_plan(path, from_)
+    if plan is not None:
+        cfg = plan.config if config is None else _config_from(config, path)
+        model = load_state(build_model(cfg, "meta"), plan.tensors(), path, dtype)
+        return Checkpoint(model.eval(), cfg, plan.tokenizer_json, path, plan.source, plan.extra)
     cfg, tokenizer_json, extra = read_config(path, config)
     kind = checkpoint_kind(path)
     model = build_model(cfg, "meta")

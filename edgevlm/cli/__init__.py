@@ -71,7 +71,12 @@ def _root(
 
 def _register() -> None:
     # Importing a module registers its commands; heavy imports stay inside the command bodies.
-    from edgevlm.cli import info, studies  # noqa: F401
+    from edgevlm.cli import (
+        info,  # noqa: F401
+        studies,  # noqa: F401
+        synthetic,  # noqa: F401
+        train,  # noqa: F401
+    )
 
 
 _register()

@@ -51,17 +51,19 @@ class MedVLM(nn.Module):
         return self.decoder(self.embed(input_ids, self.encode_image(volume), image_token_id))
 
     @torch.no_grad()
-    def generate(self, volume: Tensor, prompt_ids: Sequence[Sequence[int]], image_token_id: int,
-                 gen: GenerationConfig) -> list[list[int]]:
+    def generate(self, volume: Tensor | None, prompt_ids: Sequence[Sequence[int]], image_token_id: int,
+                 gen: GenerationConfig, visual: Tensor | None = None) -> list[list[int]]:
         """Generate continuations for B prompts (one volume each); returns the new token ids per row.
 
         Prompts are left-padded to a common length; the prefix is computed once (prefill) into a
-        preallocated KV cache and each new token costs one single-position decoder step.
+        preallocated KV cache and each new token costs one single-position decoder step. Pass `visual`
+        (B, M, dim) instead of `volume` to reuse visual tokens, e.g. several questions on one study.
         """
         b = len(prompt_ids)
-        if volume.shape[0] != b:
-            raise ValueError(f"{volume.shape[0]} volumes for {b} prompts")
-        visual = self.encode_image(volume)
+        if visual is None:
+            visual = self.encode_image(volume)
+        if visual.shape[0] != b:
+            raise ValueError(f"{visual.shape[0]} volumes for {b} prompts")
         n_visual = visual.shape[1]
         for row in prompt_ids:
             n = sum(1 for t in row if t == image_token_id)

@@ -1,0 +1,328 @@
+"""Training a MedVLM on synthetic chest CT studies (report generation and question answering mixed).
+
+The vision encoder is the expensive part on a CPU, so each step encodes a batch of studies once and
+trains the decoder on several sequences per study (its report and a few question-answer pairs) that
+share those visual tokens. Volumes are rendered straight at the model grid (the phantom is defined in
+millimetres, so this equals resampling a native series) and cached, because rendering thousands of
+512x512 series would dominate a CPU run. The same loop runs on CUDA with bf16 autocast.
+
+Study seeds: training draws from [0, HELDOUT_SEED_START); evaluation uses seeds from HELDOUT_SEED_START
+on, which training never sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgevlm.checkpoint import atomic_write, save_checkpoint
+from edgevlm.models import PRESETS, MedVLM, MedVLMConfig
+from edgevlm.models.tokenizer import SpecialIds, encode_prompt, special_ids, train_tokenizer
+
+HELDOUT_SEED_START = 1_000_000
+REPORT_QUESTIONS = (
+    "Write the radiology report for this CT.",
+    "Generate a report for this chest CT.",
+    "Describe the findings of this CT scan.",
+)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "demo-tiny"  # a preset name or a MedVLMConfig JSON file
+    steps: int = 2400
+    batch_studies: int = 8
+    qa_per_study: int = 3  # sequences per study besides the report
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    n_train_studies: int = 2400  # distinct studies rendered once and cached
+    vocab_size: int = 1024
+    tokenizer_corpus_studies: int = 1500
+    eval_every: int = 400
+    eval_studies: int = 24
+    checkpoint_every: int = 200
+    log_every: int = 50
+    render_workers: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_config(self) -> MedVLMConfig:
+        if self.model in PRESETS:
+            return PRESETS[self.model]()
+        return MedVLMConfig.from_json(Path(self.model).read_text())
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def model_recipe(cfg: MedVLMConfig) -> Any:
+    """The preprocessing recipe a model config names (a preset name or the recipe itself)."""
+    from edgevlm.preprocess import Recipe, get_recipe
+
+    return Recipe.from_dict(cfg.preprocess) if isinstance(cfg.preprocess, dict) else get_recipe(cfg.preprocess)
+
+
+def render_study(seed: int, cfg: MedVLMConfig) -> tuple[np.ndarray, Any]:
+    """(preprocessed volume (D, H, W) float32 at the model grid, StudySpec) for one study seed.
+
+    Equivalent to writing the native series and preprocessing it, at a fraction of the cost: the
+    phantom is rendered directly on the grid the recipe's resampling would produce from the native
+    series (same extent, same voxel centres, including the half-voxel offsets of the crop/pad), and
+    the recipe itself does the rest. Checked against the native path in tests/test_train.py.
+    """
+    from edgevlm.data import render_volume, sample_study
+    from edgevlm.preprocess import preprocess
+    from edgevlm.volume import Volume
+
+    recipe = model_recipe(cfg)
+    if recipe.spacing_mm is None:
+        raise ValueError("training renders at the recipe spacing: the recipe must set spacing_mm")
+    spec = sample_study(seed)
+    native_shape, native_mm = spec.native_shape_zyx, spec.native_spacing_mm
+    # The recipe resamples n voxels of s mm to round(n * s / t) voxels spanning the same extent.
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(native_shape, native_mm, recipe.spacing_mm, strict=True))
+    spacing_mm = tuple(n * s / m for n, s, m in zip(native_shape, native_mm, shape, strict=True))
+    # Resampled voxel i is centred at origin - s/2 + (i + 1/2) s' (align_corners=False); LPS is (x, y, z).
+    ox, oy, oz = spec.native_origin_mm()
+    origin_mm = (ox + (spacing_mm[2] - native_mm[2]) / 2, oy + (spacing_mm[1] - native_mm[1]) / 2,
+                 oz + (spacing_mm[0] - native_mm[0]) / 2)
+    hu = render_volume(spec, shape, spacing_mm, origin_mm)
+    return preprocess(Volume(hu, spacing_mm, origin_mm), recipe), spec
+
+
+def _render_worker(args: tuple[int, MedVLMConfig]) -> tuple[np.ndarray, Any]:
+    torch.set_num_threads(1)
+    return render_study(*args)
+
+
+def study_texts(spec: Any, rng: random.Random, n_qa: int) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """One study's (report question, report) pair and up to n_qa (question, answer) pairs."""
+    from edgevlm.data.reports import questions, report_text
+
+    np_rng = np.random.default_rng(rng.randrange(2**32))
+    report = (rng.choice(REPORT_QUESTIONS), report_text(spec, np_rng))
+    qas = questions(spec, np_rng)
+    return report, [(qa.question, qa.answer) for qa in rng.sample(qas, min(n_qa, len(qas)))]
+
+
+def build_tokenizer(cfg: TrainConfig, model_cfg: MedVLMConfig):
+    from edgevlm.data import sample_study
+    from edgevlm.data.reports import questions, report_text
+
+    corpus = []
+    for seed in range(cfg.tokenizer_corpus_studies):
+        spec = sample_study(seed)
+        rng = np.random.default_rng(seed)
+        corpus.append(report_text(spec, rng))
+        corpus.extend(f"{qa.question} {qa.answer}" for qa in questions(spec, rng))
+    corpus.extend(REPORT_QUESTIONS)
+    specials = [model_cfg.prompt.pad_token, model_cfg.prompt.bos_token or "<s>", *model_cfg.prompt.eos_tokens,
+                "<unk>", model_cfg.prompt.image_token]
+    return train_tokenizer(corpus, cfg.vocab_size, specials)
+
+
+def sequence_batch(pairs: list[tuple[str, str]], tokenizer: Any, model_cfg: MedVLMConfig, ids: SpecialIds,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels (-100 outside the answer + EOS) for prompt/answer pairs."""
+    rows, labels = [], []
+    for question, answer in pairs:
+        prompt = encode_prompt(tokenizer, model_cfg, question)
+        target = tokenizer.encode(" " + answer, add_special_tokens=False).ids + [ids.stop[0]]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(len(r) for r in rows)
+    if width > model_cfg.decoder.max_seq_len:
+        raise ValueError(f"a training sequence has {width} tokens, over max_seq_len {model_cfg.decoder.max_seq_len}")
+    input_ids = torch.full((len(rows), width), ids.pad, dtype=torch.long)
+    label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+    return input_ids.to(device), label_ids.to(device)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
+            qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int) -> torch.Tensor:
+    """Mean token cross-entropy over reports and QA answers; visual tokens computed once per study.
+
+    Reports and the (short) QA sequences are separate batches so QAs are not padded to report length.
+    `qas` is (input ids, labels, owner) with owner[i] the study index of QA row i.
+    """
+    visual = model.encode_image(volumes)  # (B, M, dim)
+    total = torch.zeros((), device=volumes.device)
+    count = 0
+    for input_ids, labels, vis in ((*reports, visual), (qas[0], qas[1], visual[qas[2]])):
+        if input_ids.shape[0] == 0:
+            continue
+        logits = model.decoder(model.embed(input_ids, vis, image_id))
+        # position t predicts token t + 1
+        flat_labels = labels[:, 1:].reshape(-1)
+        total = total + F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), flat_labels,
+                                        ignore_index=-100, reduction="sum")
+        count += int((flat_labels != -100).sum())
+    return total / max(count, 1)
+
+
+def make_batch(volumes: list[torch.Tensor], texts: list, tokenizer: Any, model_cfg: MedVLMConfig, ids: SpecialIds,
+               device: torch.device) -> tuple:
+    """loss_on's arguments for studies' volumes and study_texts."""
+    vols = torch.stack(volumes).float().unsqueeze(1).to(device)
+    reports = sequence_batch([t[0] for t in texts], tokenizer, model_cfg, ids, device)
+    qa_pairs = [(pair, owner) for owner, t in enumerate(texts) for pair in t[1]]
+    qa_ids, qa_labels = sequence_batch([p for p, _ in qa_pairs], tokenizer, model_cfg, ids, device)
+    qa_owner = torch.tensor([o for _, o in qa_pairs], dtype=torch.long, device=device)
+    return vols, reports, (qa_ids, qa_labels, qa_owner), ids.image
+
+
+def heldout_batch(cfg: TrainConfig, model_cfg: MedVLMConfig, tokenizer: Any, ids: SpecialIds,
+                  device: torch.device) -> tuple:
+    """A fixed batch of held-out studies (seeds training never draws) for the held-out loss."""
+    rng = random.Random(cfg.seed)
+    volumes, texts = [], []
+    for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + max(cfg.eval_studies, 1)):
+        vol, spec = render_study(seed, model_cfg)
+        volumes.append(torch.from_numpy(vol))
+        texts.append(study_texts(spec, rng, cfg.qa_per_study))
+    return make_batch(volumes, texts, tokenizer, model_cfg, ids, device)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
+          log: Callable[[str], None] = print, progress: Callable[[int, int, dict], None] | None = None,
+          evaluate: Callable[[MedVLM, Any, MedVLMConfig], dict] | None = None) -> Path:
+    """Train and write `out_dir/model.safetensors`; resumable from `out_dir/last.pt`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model_cfg = cfg.model_config()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    tok_path = out_dir / "tokenizer.json"
+    if resume and tok_path.exists():
+        from edgevlm.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_path.read_text())
+    else:
+        log(f"training a {cfg.vocab_size}-token BPE tokenizer on {cfg.tokenizer_corpus_studies} synthetic studies")
+        tokenizer = build_tokenizer(cfg, model_cfg)
+        atomic_write(tok_path, lambda p: p.write_text(tokenizer.to_str()))
+    model_cfg.decoder.vocab_size = tokenizer.get_vocab_size()
+    ids = special_ids(tokenizer, model_cfg.prompt)
+
+    model = MedVLM(model_cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start_step, history = 0, []
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = int(state["step"]), json.loads(state["history"])
+        log(f"resumed from {last} at step {start_step}")
+
+    log(f"rendering {cfg.n_train_studies} training studies at the model grid")
+    t0 = time.perf_counter()
+    volumes, specs = [], []
+    workers = max(1, min(cfg.render_workers, os.cpu_count() or 1))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        jobs = ((seed, model_cfg) for seed in range(cfg.n_train_studies))
+        for vol, spec in pool.imap(_render_worker, jobs, chunksize=8):
+            volumes.append(torch.from_numpy(vol).to(torch.float16))
+            specs.append(spec)
+            if progress:
+                progress(len(specs), cfg.n_train_studies, {"phase": "render"})
+    log(f"rendered in {time.perf_counter() - t0:.0f} s")
+
+    heldout = heldout_batch(cfg, model_cfg, tokenizer, ids, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    order_rng = random.Random(cfg.seed * 7919 + start_step)
+    text_rng = random.Random(cfg.seed * 104729 + start_step)
+    model.train()
+    t_step = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        batch = order_rng.sample(range(len(specs)), cfg.batch_studies)
+        texts = [study_texts(specs[i], text_rng, cfg.qa_per_study) for i in batch]
+        args = make_batch([volumes[i] for i in batch], texts, tokenizer, model_cfg, ids, device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            loss = loss_on(model, *args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        record = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, cfg),
+                  "s_per_step": round(time.perf_counter() - t_step, 3)}
+        t_step = time.perf_counter()
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                record["heldout_loss"] = round(loss_on(model, *heldout).item(), 4)
+            if evaluate is not None:
+                record["eval"] = evaluate(model, tokenizer, model_cfg)
+            model.train()
+            log(f"step {step + 1}: loss {record['loss']:.4f}, held-out loss {record['heldout_loss']:.4f}"
+                + (f", eval {json.dumps(record['eval'])}" if "eval" in record else ""))
+        history.append(record)
+        if (step + 1) % cfg.log_every == 0:
+            log(f"step {step + 1}/{cfg.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"{record['s_per_step']:.2f} s/step")
+        if progress:
+            progress(step + 1, cfg.steps, record)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                     "history": json.dumps(history)}
+            atomic_write(last, lambda p, s=state: torch.save(s, p))
+
+    model.eval()
+    extra = {
+        "training": {"command": " ".join(shlex.quote(a) for a in sys.argv), "config": asdict(cfg),
+                     "final_loss": history[-1]["loss"] if history else None,
+                     "heldout_seed_start": HELDOUT_SEED_START},
+        **cfg.extra,
+    }
+    final = save_checkpoint(model, out_dir / "model.safetensors", tokenizer.to_str(), extra, dtype=torch.float16)
+    atomic_write(out_dir / "history.json", lambda p: p.write_text(json.dumps(history, indent=1)))
+    return final
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

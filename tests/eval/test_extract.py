@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgevlm.data import Finding, report_text, sample_study
+from edgevlm.data.findings import sorted_findings
+from edgevlm.eval import extract_findings
+
+
+def _keys(findings):
+    return [f.key() for f in sorted_findings(findings)]
+
+
+def test_generated_reports_round_trip():
+    # Many seeds x phrasings: every template and synonym the generator writes.
+    for seed in range(400):
+        spec = sample_study(seed)
+        for k in range(2):
+            report = report_text(spec, np.random.default_rng([seed, k]))
+            assert _keys(extract_findings(report)) == _keys(spec.findings), report
+
+
+def F(t, **kw):
+    return Finding(t, **kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("No pleural effusion.", []),
+        ("There is no evidence of consolidation.", []),
+        ("Lungs are clear without focal consolidation, pleural effusion or pneumothorax.", []),
+        ("Pneumothorax is not seen.", []),
+        ("Heart size is normal. No pericardial effusion.", []),
+        ("The heart is not enlarged.", []),
+        ("Small left pleural effusion without pneumothorax.", [F("pleural_effusion", side="left", severity="small")]),
+        (
+            "No pneumothorax, but there is a small right effusion.",
+            [F("pleural_effusion", side="right", severity="small")],
+        ),
+        (
+            "No pneumothorax and a large right pleural effusion.",
+            [F("pleural_effusion", side="right", severity="large")],
+        ),
+        ("Moderate pleural effusions.", [F("pleural_effusion", side="bilateral", severity="moderate")]),
+        ("Small right and small left pleural effusions.", [F("pleural_effusion", side="bilateral", severity="small")]),
+        ("A 1.2 x 0.8 cm nodule in the RUL.", [F("nodule", lobe="RUL", size_mm=12)]),
+        ("Solid 7mm nodule, lingula.", [F("nodule", lobe="LUL", size_mm=7, density="solid")]),
+        (
+            "Two nodules in the left lower lobe measuring 5 mm and 7 mm.",
+            [F("nodule", lobe="LLL", size_mm=5), F("nodule", lobe="LLL", size_mm=7)],
+        ),
+        (
+            "Solid nodules in the right upper lobe (8 mm) and left lower lobe (12 mm).",
+            [F("nodule", lobe="RUL", size_mm=8, density="solid"), F("nodule", lobe="LLL", size_mm=12, density="solid")],
+        ),
+        (
+            "There is a 12 mm solid nodule in the right upper lobe and a 9 mm ground glass nodule"
+            " in the left lower lobe.",
+            [
+                F("nodule", lobe="RUL", size_mm=12, density="solid"),
+                F("nodule", lobe="LLL", size_mm=9, density="ground-glass"),
+            ],
+        ),
+        ("3 nodules in the right middle lobe.", [F("nodule", lobe="RML")] * 3),
+        (
+            "An 8 mm nodule in the right upper lobe. The right upper lobe nodule is solid.",
+            [F("nodule", lobe="RUL", size_mm=8)],
+        ),
+        ("No change in the 6 mm left upper lobe nodule.", [F("nodule", lobe="LUL", size_mm=6)]),
+        ("A 4.5 cm mass in the left upper lobe with no pleural effusion.", [F("mass", lobe="LUL", size_mm=45)]),
+        (
+            "Airspace consolidation of the right middle and lower lobes.",
+            [F("consolidation", lobe="RML"), F("consolidation", lobe="RLL")],
+        ),
+        (
+            "Right lower lobe consolidation; small left pneumothorax.",
+            [F("consolidation", lobe="RLL"), F("pneumothorax", side="left")],
+        ),
+        ("Enlarged heart. Emphysematous changes of both lungs.", [F("cardiomegaly"), F("emphysema")]),
+    ],
+)
+def test_paraphrases_and_negations(text, expected):
+    assert _keys(extract_findings(text)) == _keys(expected)
+
+
+def test_impression_adds_only_what_findings_did_not_cover():
+    report = (
+        "FINDINGS:\nLungs: 8 mm solid nodule in the right upper lobe. No pneumothorax.\n\n"
+        "IMPRESSION:\n1. Right upper lobe nodule.\n2. Cardiomegaly.\n3. Left pneumothorax.\n"
+    )
+    got = extract_findings(report)
+    # The nodule is not counted twice; the pneumothorax the FINDINGS denied stays denied.
+    assert _keys(got) == _keys([F("nodule", lobe="RUL", size_mm=8, density="solid"), F("cardiomegaly")])
