@@ -146,7 +146,7 @@ def sequence_batch(pairs: list[tuple[str, str]], tokenizer: Any, model_cfg: MedV
     rows, labels = [], []
     for question, answer in pairs:
         prompt = encode_prompt(tokenizer, model_cfg, question)
-        target = tokenizer.encode(" " + answer, add_special_tokens=False).ids + [ids.stop[0]]
+        target = [*tokenizer.encode(" " + answer, add_special_tokens=False).ids, ids.stop[0]]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
     width = max(len(r) for r in rows)

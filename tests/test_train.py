@@ -57,5 +57,5 @@ def test_rendered_training_volume_matches_the_recipe_grid():
     cfg = PRESETS["demo-tiny"]()
     volume, spec = render_study(7, cfg)
     assert volume.shape == (32, 128, 128) and volume.dtype.name == "float32"
-    assert 0.0 <= volume.min() and volume.max() <= 1.0 and torch.isfinite(torch.from_numpy(volume)).all()
+    assert volume.min() >= 0.0 and volume.max() <= 1.0 and torch.isfinite(torch.from_numpy(volume)).all()
     assert spec.seed == 7

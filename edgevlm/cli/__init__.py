@@ -72,6 +72,8 @@ def _root(
 def _register() -> None:
     # Importing a module registers its commands; heavy imports stay inside the command bodies.
     from edgevlm.cli import (
+        export,  # noqa: F401
+        infer,  # noqa: F401
         info,  # noqa: F401
         studies,  # noqa: F401
         synthetic,  # noqa: F401

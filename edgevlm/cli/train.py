@@ -39,8 +39,7 @@ def train_cmd(
     Example: edgevlm train -o runs/demo --steps 2400
     """
     from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
-    from edgevlm.train import model_recipe
-    from edgevlm.train import REPORT_QUESTIONS, TrainConfig, train
+    from edgevlm.train import REPORT_QUESTIONS, TrainConfig, model_recipe, train
 
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, n_train_studies=n_train_studies,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
@@ -83,7 +82,7 @@ def _headline(metrics: dict) -> dict:
         "nodule_lobe_accuracy": acc(nodule.get("lobe")),
         "side_accuracy": acc(findings["attributes"].get("side")),
         "lobe_accuracy": acc(findings["attributes"].get("lobe")),
-        "nodule_size_mae_mm": None if findings["nodule_size_mae_mm"] is None else round(findings["nodule_size_mae_mm"], 2),
+        "nodule_size_mae_mm": None if (mae := findings["nodule_size_mae_mm"]) is None else round(mae, 2),
         "closed_accuracy": acc(metrics["closed"]),
         "open_accuracy": acc(metrics["open"]),
         **{k: round(v, 4) for k, v in lexical.items() if isinstance(v, float)},
@@ -103,14 +102,12 @@ def eval_cmd(
     Example: edgevlm eval edgevlm/assets/demo-teacher.safetensors --studies synthetic:100 --json eval.json
     """
     from edgevlm.checkpoint import atomic_write
-    from edgevlm.eval.runner import checkpoint_predictor, parse_studies, run_eval
+    from edgevlm.eval.runner import bundle_predictor, checkpoint_predictor, parse_studies, run_eval
     from edgevlm.train import REPORT_QUESTIONS
 
     if not model.exists():
         raise EdgeVLMError("no such checkpoint or bundle", model)
     if model.is_dir() and (model / "manifest.json").exists():
-        from edgevlm.eval.runner import bundle_predictor
-
         predict, recipe = bundle_predictor(model, max_new_tokens)
     else:
         predict, recipe = checkpoint_predictor(model, max_new_tokens)

@@ -91,6 +91,27 @@ def checkpoint_predictor(path: str | Path, max_new_tokens: int | None = None) ->
     return model_predictor(ckpt.model, ckpt.tokenizer_json, max_new_tokens), model_recipe(ckpt.config)
 
 
+def bundle_predictor(path: str | Path, max_new_tokens: int | None = None, backend: str = "ort",
+                     threads: int | None = None) -> tuple[Predictor, Any]:
+    """A predictor over an exported bundle (edgevlm.runtime), and the bundle's recipe."""
+    from edgevlm.models.tokenizer import decode, encode_prompt, special_ids
+    from edgevlm.runtime import generate_ids, load_bundle
+
+    session = load_bundle(path, backend=backend, threads=threads)
+    gen = session.generation_config(max_new_tokens)
+    image_id = special_ids(session.tokenizer, session.config.prompt).image
+
+    def predict(volume: np.ndarray, questions: list[str]) -> list[str]:
+        array = session.preprocess(volume)  # (1, 1, D, H, W)
+        prompts = [encode_prompt(session.tokenizer, session.config, q) for q in questions]
+        # One row per question, all on this study: a batched, left-padded generation.
+        rows = generate_ids(session.backend, session.table, np.repeat(array, len(prompts), axis=0), prompts,
+                            image_id, gen)
+        return [decode(session.tokenizer, row, gen.stop_ids) for row in rows]
+
+    return predict, session.recipe
+
+
 def model_predictor(model: Any, tokenizer: Any, max_new_tokens: int | None = None) -> Predictor:
     from edgevlm.models import GenerationConfig
     from edgevlm.models.tokenizer import decode, encode_prompt, load_tokenizer, special_ids
