@@ -46,7 +46,7 @@ class TrainConfig:
     model: str = "demo-tiny"  # a preset name or a MedVLMConfig JSON file
     steps: int = 2400
     batch_studies: int = 8
-    qa_per_study: int = 3  # sequences per study besides the report
+    qa_per_study: int = 6  # question-answer pairs per study and step, besides the report
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
@@ -59,6 +59,8 @@ class TrainConfig:
     eval_studies: int = 24
     checkpoint_every: int = 200
     log_every: int = 50
+    # Weight of the training-only finding head (0: off). The head is not part of the saved model.
+    aux_weight: float = 1.0
     render_workers: int = 2
     seed: int = 0
     device: str = "cpu"
@@ -170,26 +172,127 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
-            qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int) -> torch.Tensor:
-    """Mean token cross-entropy over reports and QA answers; visual tokens computed once per study.
+def answer_outputs(model: MedVLM, visual: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
+                   qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (K, vocab), final hidden states (K, dim), target ids (K,)) at the K answer positions.
 
-    Reports and the (short) QA sequences are separate batches so QAs are not padded to report length.
-    `qas` is (input ids, labels, owner) with owner[i] the study index of QA row i.
+    Position t predicts token t + 1; only answer + EOS tokens (labels != -100) count. Reports and the
+    (short) QA sequences are separate batches so QAs are not padded to report length. `qas` is
+    (input ids, labels, owner) with owner[i] the study index of QA row i; `visual` (B, M, dim) is
+    computed once per study. Shared by training (cross-entropy) and distillation (KL, feature matching).
     """
-    visual = model.encode_image(volumes)  # (B, M, dim)
-    total = torch.zeros((), device=volumes.device)
-    count = 0
-    for input_ids, labels, vis in ((*reports, visual), (qas[0], qas[1], visual[qas[2]])):
-        if input_ids.shape[0] == 0:
-            continue
+    hidden: list[torch.Tensor] = []  # lm_head's input: the final normed hidden states (B, T, dim)
+    hook = model.decoder.lm_head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
+    logits_k, hidden_k, targets_k = [], [], []
+    try:
+        for input_ids, labels, vis in ((*reports, visual), (qas[0], qas[1], visual[qas[2]])):
+            if input_ids.shape[0] == 0:
+                continue
+            logits = model.decoder(model.embed(input_ids, vis, image_id))
+            answer = labels[:, 1:] != -100  # (B, T-1)
+            logits_k.append(logits[:, :-1][answer])
+            hidden_k.append(hidden[-1][:, :-1][answer])
+            targets_k.append(labels[:, 1:][answer])
+    finally:
+        hook.remove()
+    if not logits_k:
+        vocab, dim = model.cfg.decoder.vocab_size, model.cfg.decoder.dim
+        return visual.new_zeros(0, vocab), visual.new_zeros(0, dim), visual.new_zeros(0, dtype=torch.long)
+    return torch.cat(logits_k), torch.cat(hidden_k), torch.cat(targets_k)
+
+
+def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
+            qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int,
+            aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Half report loss (mean over report tokens), half QA loss (mean over questions of each answer's
+    mean token loss); the visual tokens are computed once per study.
+
+    Why the split: a report is ~100 tokens of which a handful depend on the image, while a short
+    answer ("yes", "left", "12 mm") is all image. Weighting per token lets the decoder reach a low loss
+    on language alone and leaves the vision encoder with almost no gradient; weighting each answer as a
+    unit makes looking at the volume pay from the start.
+    `qas` is (input ids, labels, owner) with owner[i] the study index of QA row i.
+    `aux` (training only): (finding head, targets (B, L), weight) adds a multi-label finding loss on the
+    vision tokens, a direct signal that gets the encoder off the ground (see `finding_targets`).
+    """
+    tokens = model.vision.patch_tokens(volumes)  # (B, N, vision_dim)
+    visual = model.projector(tokens)  # (B, M, dim): what encode_image returns
+
+    def token_losses(input_ids: torch.Tensor, labels: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         logits = model.decoder(model.embed(input_ids, vis, image_id))
-        # position t predicts token t + 1
-        flat_labels = labels[:, 1:].reshape(-1)
-        total = total + F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), flat_labels,
-                                        ignore_index=-100, reduction="sum")
-        count += int((flat_labels != -100).sum())
-    return total / max(count, 1)
+        # position t predicts token t + 1; (N, T-1) losses, 0 where ignored
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
+                               reduction="none")
+
+    report_ids, report_labels = reports
+    per_token = token_losses(report_ids, report_labels, visual)
+    report_loss = per_token.sum() / (report_labels[:, 1:] != -100).sum().clamp(min=1)
+    qa_ids, qa_labels, owner = qas
+    loss = report_loss
+    if qa_ids.shape[0] > 0:
+        per_token = token_losses(qa_ids, qa_labels, visual[owner])
+        per_answer = per_token.sum(1) / (qa_labels[:, 1:] != -100).sum(1).clamp(min=1)
+        loss = 0.5 * report_loss + 0.5 * per_answer.mean()
+    if aux is not None:
+        head, targets, weight = aux
+        pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)  # mean: diffuse, max: focal findings
+        loss = loss + weight * F.binary_cross_entropy_with_logits(head(pooled).float(), targets)
+    return loss
+
+
+def finding_labels() -> tuple[str, ...]:
+    """What the training-only finding head predicts: each type present, lobes holding a lobar finding,
+    and sides holding an effusion or pneumothorax."""
+    from edgevlm.data.findings import FINDING_TYPES, LOBES
+
+    return (*FINDING_TYPES, *(f"lobe:{lobe}" for lobe in LOBES), "side:left", "side:right")
+
+
+def finding_targets(spec: Any) -> torch.Tensor:
+    """Multi-hot (L,) targets of `finding_labels()` for one study."""
+    labels = {name: i for i, name in enumerate(finding_labels())}
+    target = torch.zeros(len(labels))
+    for f in spec.findings:
+        target[labels[f.type]] = 1.0
+        if f.lobe:
+            target[labels[f"lobe:{f.lobe}"]] = 1.0
+        if f.type in ("pleural_effusion", "pneumothorax") and f.side:
+            for side in ("left", "right"):
+                if f.side in (side, "bilateral"):
+                    target[labels[f"side:{side}"]] = 1.0
+    return target
+
+
+def render_training_set(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path, log: Callable[[str], None],
+                        progress: Callable[[int, int, dict], None] | None) -> tuple[list[torch.Tensor], list[Any]]:
+    """The cached training volumes (fp16) and their specs; rendered once per run folder, then reused
+    on resume (`volumes.npy` beside the checkpoint: rendering is minutes, loading is seconds)."""
+    from edgevlm.data import sample_study
+
+    cache = out_dir / f"volumes-{cfg.n_train_studies}.npy"
+    if cache.exists():
+        array = np.load(cache, mmap_mode="r")
+        log(f"loaded {len(array)} cached training volumes from {cache}")
+        return [torch.from_numpy(np.array(a)) for a in array], [sample_study(s) for s in range(cfg.n_train_studies)]
+    log(f"rendering {cfg.n_train_studies} training studies at the model grid")
+    t0 = time.perf_counter()
+    volumes, specs = [], []
+    workers = max(1, min(cfg.render_workers, os.cpu_count() or 1))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        jobs = ((seed, model_cfg) for seed in range(cfg.n_train_studies))
+        for vol, spec in pool.imap(_render_worker, jobs, chunksize=8):
+            volumes.append(torch.from_numpy(vol).to(torch.float16))
+            specs.append(spec)
+            if progress:
+                progress(len(specs), cfg.n_train_studies, {"phase": "render"})
+    log(f"rendered in {time.perf_counter() - t0:.0f} s")
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
+            np.save(f, torch.stack(volumes).numpy())
+
+    atomic_write(cache, save)
+    return volumes, specs
 
 
 def make_batch(volumes: list[torch.Tensor], texts: list, tokenizer: Any, model_cfg: MedVLMConfig, ids: SpecialIds,
@@ -241,8 +344,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     ids = special_ids(tokenizer, model_cfg.prompt)
 
     model = MedVLM(model_cfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    aux_head = torch.nn.Linear(2 * model_cfg.vision.dim, len(finding_labels())).to(device)
+    named = [*model.named_parameters(), *(("aux." + n, p) for n, p in aux_head.named_parameters())]
+    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start_step, history = 0, []
@@ -250,23 +355,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     if resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
+        if "aux_head" in state:
+            aux_head.load_state_dict(state["aux_head"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = int(state["step"]), json.loads(state["history"])
         log(f"resumed from {last} at step {start_step}")
 
-    log(f"rendering {cfg.n_train_studies} training studies at the model grid")
-    t0 = time.perf_counter()
-    volumes, specs = [], []
-    workers = max(1, min(cfg.render_workers, os.cpu_count() or 1))
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        jobs = ((seed, model_cfg) for seed in range(cfg.n_train_studies))
-        for vol, spec in pool.imap(_render_worker, jobs, chunksize=8):
-            volumes.append(torch.from_numpy(vol).to(torch.float16))
-            specs.append(spec)
-            if progress:
-                progress(len(specs), cfg.n_train_studies, {"phase": "render"})
-    log(f"rendered in {time.perf_counter() - t0:.0f} s")
-
+    volumes, specs = render_training_set(cfg, model_cfg, out_dir, log, progress)
     heldout = heldout_batch(cfg, model_cfg, tokenizer, ids, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     order_rng = random.Random(cfg.seed * 7919 + start_step)
@@ -280,7 +375,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with autocast:
-            loss = loss_on(model, *args)
+            aux = None
+            if cfg.aux_weight > 0:
+                targets = torch.stack([finding_targets(specs[i]) for i in batch]).to(device)
+                aux = (aux_head, targets, cfg.aux_weight)
+            loss = loss_on(model, *args, aux=aux)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -304,7 +403,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         if progress:
             progress(step + 1, cfg.steps, record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+            state = {"model": model.state_dict(), "aux_head": aux_head.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step + 1,
                      "history": json.dumps(history)}
             atomic_write(last, lambda p, s=state: torch.save(s, p))
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from edgevlm.export.graphs import DecoderStep, VisionGraph, cache_names
 from edgevlm.export.parity import ParityConfig, measure_parity
+from edgevlm.export.quantize import QUANTIZED, SCHEMES, QuantConfig
 
 from edgevlm import __version__
 from edgevlm.checkpoint import Checkpoint, atomic_write, load_checkpoint
@@ -53,7 +54,7 @@ from edgevlm.runtime.bundle import (
     verify_bundle,
 )
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = tuple(SCHEMES)  # what each word means: edgevlm.export.quantize.SCHEMES
 DEVICES = ("cpu", "cuda")
 DEFAULT_OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -63,11 +64,12 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_CACHE = 2, 3, 7
 
 @dataclass
 class ExportOptions:
-    precision: str = "fp32"  # "fp32" | "fp16"
+    precision: str = "fp32"  # a key of SCHEMES: fp32 | fp16 | int8 | int4 | auto
     device: str = "cpu"  # where the graphs are traced and the parity reference runs
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
     parity: ParityConfig = field(default_factory=ParityConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # int8 | int4 | auto only
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -185,7 +187,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokenizer_json: str,
-                 on_step: Callable[[str], None]) -> dict[str, Any]:
+                 on_step: Callable[[str], None], calibration: Any = None) -> dict[str, Any]:
     """Write every bundle file into `folder` (a temporary folder); returns the manifest."""
     from safetensors.numpy import save_file
 
@@ -199,6 +201,8 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     except ValueError as e:
         raise EdgeVLMError(f"tokenizer does not fit the model's prompt config: {e}", ckpt.path) from None
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    # Quantized words start from fp32 graphs (checked against PyTorch first) and rewrite them afterwards.
+    graph_precision = "fp16" if options.precision == "fp16" else "fp32"
     # The graph source: the fp32 reference itself, or a converted copy (the reference stays fp32).
     source = reference if dtype == torch.float32 and options.device == "cpu" else copy.deepcopy(reference)
     source = source.to(device=options.device, dtype=dtype).eval()
@@ -221,16 +225,16 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     d = cfg.decoder
     kv_in_place = kv_update_in_place_safe(folder / DECODER_FILE)
     ort_backend = OrtBackend(folder / VISION_FILE, folder / DECODER_FILE, d.n_layers, (d.n_kv_heads, d.head_dim),
-                             d.vocab_size, options.precision, kv_in_place=kv_in_place)
+                             d.vocab_size, graph_precision, kv_in_place=kv_in_place)
     ref_backend = TorchBackend(reference)
     parity = measure_parity(ort_backend, ref_backend, table, table.astype(np.float32), cfg, tokenizer, recipe,
-                            options.precision, options.parity)
+                            graph_precision, options.parity)
     parity["ort_providers"] = list(ort_backend.providers)
     del ort_backend
     if not parity["passed"]:
-        raise EdgeVLMError(f"exported graphs miss the {options.precision} parity gate: "
+        raise EdgeVLMError(f"exported graphs miss the {graph_precision} parity gate: "
                            f"{'; '.join(parity['failures'])} (nothing written)", ckpt.path)
-    return {
+    manifest = {
         "format": "edgevlm-bundle",
         "schema_version": SCHEMA_VERSION,
         "edgevlm_version": __version__,
@@ -262,9 +266,15 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
             },
             "embeddings": {"file": EMBEDDINGS_FILE, "tensor": "embed_tokens", "shape": [d.vocab_size, d.dim]},
         },
-        "files": file_table(folder),
         "parity": parity,
     }
+    if options.precision in QUANTIZED:
+        from edgevlm.export.quantized_bundle import quantize_bundle
+
+        manifest = quantize_bundle(ckpt, folder, manifest, options.precision, options.quant, tokenizer, recipe,
+                                   on_step, calibration)
+    manifest["files"] = file_table(folder)
+    return manifest
 
 
 def _publishable(folder: Path) -> None:
@@ -279,14 +289,18 @@ def _publishable(folder: Path) -> None:
 def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: str = "fp32", device: str = "cpu",
                   config: Any = None, opset: int = DEFAULT_OPSET, tokenizer_json: str | None = None,
                   overwrite: bool = False, parity: ParityConfig | None = None,
-                  on_step: Callable[[str], None] | None = None) -> Path:
+                  on_step: Callable[[str], None] | None = None, quant: QuantConfig | None = None,
+                  calibration: Any = None, from_: str | None = None) -> Path:
     """Export a checkpoint to a bundle folder `out_dir`, atomically; returns the bundle path.
 
     `config`: a MedVLMConfig / JSON file / preset for checkpoints that carry none. `tokenizer_json`:
     the tokenizer.json text when the checkpoint has none. Raises EdgeVLMError (one line) when the
-    graphs miss the parity gate of `precision` (edgevlm.export.parity.THRESHOLDS).
+    graphs miss the parity gate of `precision` (edgevlm.export.parity.THRESHOLDS), or a quantized
+    precision (int8 | int4 | auto: edgevlm.export.quantize.SCHEMES, options in `quant`) misses its
+    accuracy gate (edgevlm.export.gates) and `quant.allow_degradation` is off. `calibration`: a prebuilt
+    edgevlm.calibration.CalibrationSet instead of `quant.calib`.
     """
-    options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig())
+    options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(), quant or QuantConfig())
     on_step = on_step or (lambda _msg: None)
     out = Path(out_dir)
     if out.exists() and not options.overwrite:
@@ -294,14 +308,14 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
     if out.exists() and not out.is_dir():
         raise EdgeVLMError("output exists and is not a bundle folder", out)
     on_step("loading checkpoint")
-    ckpt = load_checkpoint(checkpoint_path, config)
+    ckpt = load_checkpoint(checkpoint_path, config, from_=from_)
     tokenizer_json = tokenizer_json or ckpt.tokenizer_json
     if not tokenizer_json:
         raise EdgeVLMError("checkpoint carries no tokenizer; pass --tokenizer tokenizer.json", checkpoint_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = build_bundle(ckpt, tmp, options, tokenizer_json, on_step)
+        manifest = build_bundle(ckpt, tmp, options, tokenizer_json, on_step, calibration)
         atomic_write(tmp / MANIFEST, lambda p: _write_text(p, json.dumps(manifest, indent=2, sort_keys=True)))
         verify_bundle(tmp)  # the bundle must pass the very check every reader makes
         _publishable(tmp)

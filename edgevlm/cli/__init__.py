@@ -72,6 +72,9 @@ def _root(
 def _register() -> None:
     # Importing a module registers its commands; heavy imports stay inside the command bodies.
     from edgevlm.cli import (
+        bench,  # noqa: F401
+        demo,  # noqa: F401
+        distill,  # noqa: F401
         export,  # noqa: F401
         infer,  # noqa: F401
         info,  # noqa: F401

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from edgevlm.cli import command, console
+from edgevlm.cli import command, console, err_console
 
 
 @command(name="infer")
@@ -24,6 +24,9 @@ def infer(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Source checkpoint for --backend torch "
                                            "(default: the path recorded in the bundle)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens."),
+    quant: str | None = typer.Option(None, "--quant", help="--backend torch: int8 | nf4 decoder linears "
+                                     "(bitsandbytes)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="--backend torch: fp32 | fp16 | bf16."),
 ) -> None:
     """Generate a report or an answer for a study.
 
@@ -34,7 +37,12 @@ def infer(
     from edgevlm.runtime import PeakMemory, load_bundle, stage_table
 
     with PeakMemory() as memory:
-        session = load_bundle(bundle, backend=backend, threads=threads, checkpoint=checkpoint)
+        session = load_bundle(bundle, backend=backend, threads=threads, checkpoint=checkpoint, quant=quant,
+                              dtype=dtype)
+        if session.bundle.manifest.get("degraded"):
+            failures = session.bundle.manifest.get("accuracy", {}).get("failures", [])
+            err_console.print(f"[bold yellow]warning:[/] this bundle missed its accuracy gate at export and was "
+                              f"written with --allow-degradation ({'; '.join(failures)})")
         start = time.perf_counter()
         volume = load_study(study, series)
         read_ms = (time.perf_counter() - start) * 1000

@@ -23,6 +23,8 @@ def train_cmd(
     model: str = typer.Option("demo-tiny", "--model", help="Preset name or MedVLMConfig JSON."),
     steps: int = typer.Option(2400, "--steps"),
     batch_studies: int = typer.Option(8, "--batch-studies", help="Studies per step (each with report + QAs)."),
+    qa_per_study: int = typer.Option(6, "--qa-per-study", help="Question-answer pairs per study and step."),
+    aux_weight: float = typer.Option(1.0, "--aux-weight", help="Weight of the training-only finding head (0: off)."),
     n_train_studies: int = typer.Option(2400, "--train-studies", help="Distinct training studies (cached)."),
     lr: float = typer.Option(2e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -41,7 +43,9 @@ def train_cmd(
     from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
     from edgevlm.train import REPORT_QUESTIONS, TrainConfig, model_recipe, train
 
-    cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, n_train_studies=n_train_studies,
+    cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
+                      aux_weight=aux_weight,
+                      n_train_studies=n_train_studies,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
                       eval_studies=eval_studies)
     eval_set = list(synthetic_studies(full_eval_studies)) if full_eval_studies > 0 else []

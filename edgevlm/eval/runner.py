@@ -66,18 +66,12 @@ def folder_studies(folder: str | Path) -> Iterator[Study]:
 
 def parse_studies(source: str, seed: int | None = None) -> tuple[Iterator[Study], int]:
     """`synthetic:N` or a folder -> (studies, count)."""
-    if source.startswith("synthetic:"):
-        try:
-            n = int(source.split(":", 1)[1])
-        except ValueError:
-            raise EdgeVLMError(f"--studies {source!r}: expected synthetic:N with N a number") from None
-        if n <= 0:
-            raise EdgeVLMError(f"--studies {source!r}: N must be positive")
-        return synthetic_studies(n, seed), n
-    path = Path(source)
-    if not path.is_dir():
-        raise EdgeVLMError("--studies must be a folder of studies or synthetic:N", path)
-    return folder_studies(path), len(list(path.glob("*/ground_truth.json")))
+    from edgevlm.data.source import parse_source
+
+    parsed = parse_source(source, "--studies")
+    if isinstance(parsed, int):
+        return synthetic_studies(parsed, seed), parsed
+    return folder_studies(parsed), len(list(parsed.glob("*/ground_truth.json")))
 
 
 def checkpoint_predictor(path: str | Path, max_new_tokens: int | None = None) -> tuple[Predictor, Any]:
@@ -126,6 +120,7 @@ def model_predictor(model: Any, tokenizer: Any, max_new_tokens: int | None = Non
     def predict(volume: np.ndarray, questions: list[str]) -> list[str]:
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+            x = x.to(next(model.parameters()).device)  # a model on CUDA (e.g. evaluated while training)
             visual = model.encode_image(x)
             prompts = [encode_prompt(tok, cfg, q) for q in questions]
             out = model.generate(None, prompts, ids.image, gen, visual=visual.expand(len(prompts), -1, -1))

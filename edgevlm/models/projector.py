@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgevlm.models.config import ProjectorConfig
+from edgevlm.models.decoder import RMSNorm
 
 
 class Projector(nn.Module):
@@ -17,6 +18,7 @@ class Projector(nn.Module):
         # Linear-GELU-Linear; attribute names follow M3D-LaMed's `projector.0` / `projector.2`.
         self.linear1 = nn.Linear(vision_dim, hidden)
         self.linear2 = nn.Linear(hidden, decoder_dim)
+        self.norm = RMSNorm(decoder_dim, eps=1e-6) if cfg.output_norm else None
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, vision_dim) grid tokens in raster order -> (B, M, decoder_dim)."""
@@ -27,4 +29,5 @@ class Projector(nn.Module):
             x = tokens.transpose(1, 2).reshape(b, c, d, h, w)
             x = F.avg_pool3d(x, kernel_size=self.cfg.pool, stride=self.cfg.pool)
             tokens = x.flatten(2).transpose(1, 2)
-        return self.linear2(F.gelu(self.linear1(tokens)))
+        tokens = self.linear2(F.gelu(self.linear1(tokens)))
+        return tokens if self.norm is None else self.norm(tokens)

@@ -45,6 +45,11 @@ def choose_providers(requested: list[str] | tuple[str, ...] | None = None) -> li
     return chosen
 
 
+# Bundle precisions whose decoder holds MatMulNBits / integer matmuls: those kernels repack their weights
+# at load (MLAS block layout), so prepacking stays on for them (edgevlm.export.quantize.SCHEMES).
+QUANTIZED_DECODERS = ("int8", "int4", "auto")
+
+
 def numpy_dtype(precision: str) -> np.dtype:
     return np.dtype(np.float16 if precision == "fp16" else np.float32)
 
@@ -85,7 +90,7 @@ class OrtBackend:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
         providers = choose_providers(self.providers)
-        # Decoder without weight prepacking: MLAS's prepacked SGEMM is slower for the M=1 products of
+        # fp32/fp16 decoder without weight prepacking: MLAS's prepacked SGEMM is slower for the M=1 products of
         # decode (measured at 1 thread, 1x3072 @ 3072x16384: 13.1 ms prepacked, 9.5 ms not, torch 10.3 ms)
         # and a prepacked copy doubles the weights' memory. The vision encoder (M = thousands) keeps it.
         decoder_options = ort.SessionOptions()
@@ -94,7 +99,8 @@ class OrtBackend:
         if self.threads:
             decoder_options.intra_op_num_threads = int(self.threads)
             decoder_options.inter_op_num_threads = 1
-        decoder_options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.precision not in QUANTIZED_DECODERS:
+            decoder_options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self.vision = ort.InferenceSession(str(self.vision_path), options, providers=providers)
             self.decoder = ort.InferenceSession(str(self.decoder_path), decoder_options, providers=providers)
@@ -174,6 +180,7 @@ class TorchBackend:
     threads: int | None = None
     device: str = "cpu"
     name: str = "torch"
+    dtype: Any = None  # torch dtype of the model's activations and cache; None: float32
     _state: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -184,20 +191,22 @@ class TorchBackend:
         if self.threads:
             torch.set_num_threads(int(self.threads))
         self.torch = torch
+        self.dtype = self.dtype or torch.float32
         self.model = self.model.to(self.device).eval()
         self.step_module = DecoderStep(self.model, functional=False).eval()
         self.providers = [f"torch-{self.device}"]
 
     def encode(self, volume: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
-            x = self.torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(self.device)
+            dtype = next(self.model.vision.parameters()).dtype  # fp32 on CPU for 16-bit models (export/bnb.py)
+            x = self.torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(self.device, dtype)
             return self.model.encode_image(x).float().cpu().numpy()
 
     def reset_cache(self, batch: int, cache_len: int) -> None:
         cfg = self.model.cfg.decoder
         shape = (batch, cfg.n_kv_heads, cache_len, cfg.head_dim)
         if self._state.get("shape") != shape:
-            self._state = {"shape": shape, "cache": [self.torch.zeros(shape, device=self.device)
+            self._state = {"shape": shape, "cache": [self.torch.zeros(shape, device=self.device, dtype=self.dtype)
                                                      for _ in range(2 * cfg.n_layers)]}
         else:
             for t in self._state["cache"]:
@@ -208,7 +217,7 @@ class TorchBackend:
         t = self.torch
         with t.no_grad():
             out = self.step_module(
-                t.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(self.device),
+                t.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(self.device, self.dtype),
                 t.from_numpy(np.ascontiguousarray(input_pos, dtype=np.int64)).to(self.device),
                 t.from_numpy(np.ascontiguousarray(rope_pos, dtype=np.int64)).to(self.device),
                 t.from_numpy(np.ascontiguousarray(key_valid, dtype=bool)).to(self.device),
@@ -227,8 +236,13 @@ def default_threads() -> int | None:
     return int(value) if value else None
 
 
-def torch_backend_from_checkpoint(checkpoint: Path, expected_sha256: str | None, threads: int | None) -> TorchBackend:
-    """The bundle's source checkpoint on the torch backend; refused if it is not the exported one."""
+def torch_backend_from_checkpoint(checkpoint: Path, expected_sha256: str | None, threads: int | None,
+                                  quant: str | None = None, dtype: str = "fp32",
+                                  from_: str | None = None) -> TorchBackend:
+    """The bundle's source checkpoint on the torch backend; refused if it is not the exported one.
+
+    `quant` (int8 | nf4, bitsandbytes) and `dtype` (fp32 | fp16 | bf16): edgevlm.export.bnb. `from_`:
+    the importer of a public checkpoint (e.g. "m3d-lamed"), as recorded in the bundle's manifest."""
     from edgevlm.checkpoint import load_checkpoint, path_sha256
 
     if not Path(checkpoint).exists():
@@ -237,4 +251,7 @@ def torch_backend_from_checkpoint(checkpoint: Path, expected_sha256: str | None,
     if expected_sha256 and path_sha256(checkpoint) != expected_sha256:
         raise EdgeVLMError("checkpoint is not the one this bundle was exported from (sha256 differs); pass "
                            "the right --checkpoint", checkpoint)
-    return TorchBackend(load_checkpoint(checkpoint).model, threads)
+    from edgevlm.export.bnb import quantize_torch_model, torch_dtype
+
+    model = quantize_torch_model(load_checkpoint(checkpoint, from_=from_).model, quant, dtype)
+    return TorchBackend(model, threads, dtype=torch_dtype(dtype))

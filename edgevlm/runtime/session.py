@@ -73,8 +73,10 @@ def splice_embeddings(table: np.ndarray, ids: np.ndarray, visual: np.ndarray, im
     order puts visual token k of row b at that row's k-th placeholder.
     """
     is_image = ids == image_id
-    embeds = table[np.where(is_image, 0, ids)]  # (B, T, dim)
-    embeds[is_image] = visual.reshape(-1, visual.shape[-1]).astype(table.dtype)
+    # In the wider of the two dtypes: quantized bundles store the table fp16 but run fp32 graphs, and
+    # their visual tokens must not be rounded to fp16 on the way in.
+    embeds = table[np.where(is_image, 0, ids)].astype(np.result_type(table.dtype, visual.dtype), copy=False)
+    embeds[is_image] = visual.reshape(-1, visual.shape[-1]).astype(embeds.dtype)
     return embeds
 
 
@@ -210,12 +212,13 @@ class Session:
 
 def load_bundle(path: str | Path, backend: str = "ort", threads: int | None = None,
                 providers: Sequence[str] | None = None, checkpoint: str | Path | None = None,
-                verify: bool = True) -> Session:
+                verify: bool = True, quant: str | None = None, dtype: str = "fp32") -> Session:
     """Verify a bundle (manifest, versions, sha256 of every file) and load it on `backend`.
 
     backend "ort": the bundle's ONNX graphs (providers: TensorRT > CUDA > CPU where available, or
     `providers`). backend "torch": the source checkpoint (`checkpoint`, default the path recorded in
-    the manifest), which must hash to the manifest's source sha256.
+    the manifest), which must hash to the manifest's source sha256; `quant` (int8 | nf4, bitsandbytes)
+    and `dtype` (fp32 | fp16 | bf16) apply to it (edgevlm.export.bnb).
     """
     from safetensors.numpy import load_file
 
@@ -224,6 +227,9 @@ def load_bundle(path: str | Path, backend: str = "ort", threads: int | None = No
 
     if backend not in BACKENDS:
         raise EdgeVLMError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch" and (quant is not None or dtype != "fp32"):
+        raise EdgeVLMError("--quant and --dtype apply to --backend torch; an ort bundle's precision is fixed at "
+                           "export (edgevlm export --precision)")
     start = time.perf_counter()
     bundle = verify_bundle(path, check_hashes=verify)
     m = bundle.manifest
@@ -247,5 +253,8 @@ def load_bundle(path: str | Path, backend: str = "ort", threads: int | None = No
     else:
         source = m.get("source", {})
         ckpt = Path(checkpoint) if checkpoint is not None else Path(source.get("path", ""))
-        engine = torch_backend_from_checkpoint(ckpt, source.get("sha256"), threads)
+        # Public checkpoints were read by an importer; its name is the source kind in the manifest.
+        kind = source.get("kind")
+        from_ = kind if kind not in (None, "edgevlm", "torch", "hf-dir") else None
+        engine = torch_backend_from_checkpoint(ckpt, source.get("sha256"), threads, quant, dtype, from_)
     return Session(bundle, config, recipe, tokenizer, table, engine, (time.perf_counter() - start) * 1000)

@@ -1,0 +1,99 @@
+"""Accuracy gates of the quantized words on the trained demo model: fp32 / int8 / int4 / auto bundles,
+plus an honest failure case (int8 calibrated on air-only volumes) and the lm_head sensitivity.
+
+    nice -n 19 python benchmarks/quantize_demo.py [--gate-studies 50] [--calib 32] [--out runs/quantize-demo]
+
+Needs edgevlm/assets/demo-teacher.safetensors (refuses to run on anything else: a random model has no
+accuracy to keep). Every bundle is exported with `--allow-degradation` so a miss is recorded, not hidden;
+the JSON says per word whether the gate passed. Calibration: synthetic seeds 2,000,000..; gate studies:
+held-out seeds 1,000,000.. (the `edgevlm eval` range), the same studies for every word.
+Bundles go under runs/ (git-ignored); numbers to benchmarks/results/quantize-demo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSET = ROOT / "edgevlm" / "assets" / "demo-teacher.safetensors"
+RESULTS = Path(__file__).parent / "results" / "quantize-demo.json"
+
+
+def summary(bundle: Path) -> dict:
+    m = json.loads((bundle / "manifest.json").read_text())
+    acc = m.get("accuracy")
+    out = {"precision": m["precision"], "bytes": sum(f["bytes"] for f in m["files"].values()),
+           "degraded": m.get("degraded", False)}
+    if acc:
+        par, task = acc["parity"], acc["task"]
+        out.update(passed=acc["passed"], failures=acc["failures"], vision_cosine_min=par["vision_cosine_min"],
+                   logit_kl_mean=par["logit_kl_mean"], top1_agreement=par["top1_agreement"],
+                   greedy_first_divergence=par["greedy_first_divergence"], task=task,
+                   decoder_plan_counts=m["quantization"]["node_counts"], auto=m["quantization"]["auto"],
+                   weight_bytes=m["quantization"]["weight_bytes"])
+    else:
+        out.update(parity=m["parity"]["passed"], logits_max_abs_diff=m["parity"]["logits_max_abs_diff"])
+    return out
+
+
+def main() -> None:
+    from edgevlm.calibration import CalibrationSet, array_sha256
+    from edgevlm.export import export_bundle
+    from edgevlm.export.quantize import QuantConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gate-studies", type=int, default=50)
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--out", default=str(ROOT / "runs" / "quantize-demo"))
+    p.add_argument("--words", default="fp32,int8,int4,auto")
+    args = p.parse_args()
+    if not ASSET.exists():
+        raise SystemExit(f"{ASSET} is not there yet (the demo teacher is still training)")
+    out = Path(args.out)
+    qcfg = QuantConfig(calib=f"synthetic:{args.calib}", gate_studies=f"synthetic:{args.gate_studies}",
+                       allow_degradation=True)
+    results: dict = {}
+    timings: dict = {}
+    for word in args.words.split(","):
+        t0 = time.perf_counter()
+        bundle = export_bundle(ASSET, out / word, precision=word, overwrite=True, quant=qcfg,
+                               on_step=lambda msg, w=word: print(f"[{w}] {msg}", flush=True))
+        timings[word] = time.perf_counter() - t0
+        results[word] = summary(bundle)
+    # The failure case: int8 calibrated on air-only volumes (what a folder of blank series would give).
+    import numpy as np
+
+    from edgevlm.checkpoint import load_checkpoint
+
+    grid = tuple(load_checkpoint(ASSET).config.vision.image_size)
+    air = np.zeros((4, 1, *grid), np.float32)
+    broken = CalibrationSet(air, "4 air-only volumes (deliberately broken)", "demo-chest",
+                            [array_sha256(v[0]) for v in air])
+    bundle = export_bundle(ASSET, out / "int8-broken-calib", precision="int8", overwrite=True, quant=qcfg,
+                           calibration=broken, on_step=lambda msg: print(f"[broken] {msg}", flush=True))
+    results["int8 (air-only calibration)"] = summary(bundle)
+    for method in ("percentile", "entropy"):
+        bundle = export_bundle(ASSET, out / f"int8-{method}", precision="int8", overwrite=True,
+                               quant=dataclasses.replace(qcfg, calib_method=method))
+        results[f"int8 ({method} calibration)"] = summary(bundle)
+    record = {"benchmark": "quantize-demo", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "model": ASSET.name, "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",
+              "calibration": f"synthetic:{args.calib} (seeds 2000000..)", "config": qcfg.to_dict(),
+              "export_seconds": timings, "results": results}
+    RESULTS.write_text(json.dumps(record, indent=2))
+    print(f"{'bundle':<30}{'MB':>8}{'passed':>8}{'cos min':>9}{'KL':>8}{'top1':>7}{'F1 q/fp32':>16}")
+    for name, r in results.items():
+        t = r.get("task") or {}
+        f1 = (f"{t['quantized']['finding_f1']:.3f}/{t['fp32']['finding_f1']:.3f}"
+              if t.get("quantized") and t.get("fp32") else "-")
+        print(f"{name:<30}{r['bytes'] / 1e6:>8.1f}{r.get('passed', r.get('parity'))!s:>8}"
+              f"{r.get('vision_cosine_min', float('nan')):>9.4f}{r.get('logit_kl_mean', float('nan')):>8.4f}"
+              f"{r.get('top1_agreement', float('nan')):>7.3f}{f1:>16}")
+
+
+if __name__ == "__main__":
+    main()

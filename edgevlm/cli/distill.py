@@ -1,0 +1,81 @@
+"""`edgevlm distill`: a trained teacher -> a faster student (thin over `edgevlm.distill`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from edgevlm.cli import command, console
+from edgevlm.errors import EdgeVLMError
+
+
+@command(name="distill")
+def distill_cmd(
+    teacher: Path = typer.Option(..., "--teacher", help="Trained teacher checkpoint (carries its tokenizer)."),
+    student: str = typer.Option("demo-small", "--student", help="Student preset name or MedVLMConfig JSON."),
+    data: str = typer.Option(..., "--data", help="synthetic:N (labeled) or a folder of unlabeled study folders."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run folder: last.pt (resume), history, model.safetensors."),
+    config: Path | None = typer.Option(None, "--config", help="DistillConfig JSON; the options below override it."),
+    steps: int | None = typer.Option(None, "--steps"),
+    batch_studies: int | None = typer.Option(None, "--batch-studies", help="Studies per step."),
+    lr: float | None = typer.Option(None, "--lr"),
+    temperature: float | None = typer.Option(None, "--temperature", help="KD temperature T (KL is scaled by T^2)."),
+    w_kl: float | None = typer.Option(None, "--w-kl", help="Weight of the token-level KL to the teacher."),
+    w_ce: float | None = typer.Option(None, "--w-ce", help="Weight of ground-truth cross-entropy (labeled data)."),
+    w_seq: float | None = typer.Option(None, "--w-seq", help="Weight of CE on teacher-generated text (unlabeled)."),
+    w_vision: float | None = typer.Option(None, "--w-vision", help="Weight of ViT token feature matching."),
+    w_hidden: float | None = typer.Option(None, "--w-hidden", help="Weight of decoder hidden-state matching."),
+    no_init: bool = typer.Option(False, "--no-init", help="Start the student from random weights."),
+    seed: int | None = typer.Option(None, "--seed"),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (bf16 autocast on cuda)."),
+    threads: int | None = typer.Option(None, "--threads"),
+    eval_every: int | None = typer.Option(None, "--eval-every"),
+    full_eval_studies: int = typer.Option(0, "--full-eval-studies",
+                                          help="Also run the clinical eval on this many held-out studies."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing last.pt instead of resuming."),
+) -> None:
+    """Distill a trained teacher into a smaller, faster student on the teacher's tokenizer.
+
+    Example: edgevlm distill --teacher edgevlm/assets/demo-teacher.safetensors --student demo-small
+    --data synthetic:800 -o runs/demo-small --steps 1200
+    """
+    from edgevlm.cli.train import _headline, _progress
+    from edgevlm.distill import DistillConfig, distill
+    from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
+    from edgevlm.train import REPORT_QUESTIONS, model_recipe
+
+    if not teacher.exists():
+        raise EdgeVLMError("no such teacher checkpoint", teacher)
+    try:
+        cfg = DistillConfig.from_json(config.read_text()) if config is not None else DistillConfig()
+    except (OSError, ValueError, TypeError) as e:
+        raise EdgeVLMError(f"not a valid DistillConfig JSON: {e}", config) from None
+    options = {"steps": steps, "batch_studies": batch_studies, "lr": lr, "temperature": temperature, "w_kl": w_kl,
+               "w_ce": w_ce, "w_seq": w_seq, "w_vision": w_vision, "w_hidden": w_hidden, "seed": seed,
+               "device": device, "threads": threads, "eval_every": eval_every}
+    cfg = dataclasses.replace(cfg, teacher=str(teacher), student=student, data=data,
+                              **{k: v for k, v in options.items() if v is not None})
+    if no_init:
+        cfg.init_from_teacher = False
+    eval_set = list(synthetic_studies(full_eval_studies)) if full_eval_studies > 0 else []
+
+    def evaluate(model, tokenizer, model_cfg) -> dict:
+        metrics = run_eval(model_predictor(model, tokenizer), model_recipe(model_cfg), iter(eval_set),
+                           REPORT_QUESTIONS[0])
+        return _headline(metrics)
+
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(done: int, total: int, info: dict) -> None:
+            phase = info.get("phase", "distill")
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, info="")
+            text = f"loss {info['total']:.3f} (kl {info['kl']:.3f})" if "total" in info else ""
+            bar.update(tasks[phase], completed=done, info=text)
+
+        path = distill(cfg, out, resume=not fresh, log=console.print, progress=progress,
+                       evaluate=evaluate if eval_set else None)
+    console.print(f"wrote {path}")

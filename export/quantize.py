@@ -1,0 +1,295 @@
+"""Quantized bundles: what each `--precision` word means, and the graph rewrites that make it.
+
+One registry (`SCHEMES`) says, per precision word, what the vision encoder, the decoder's transformer
+layers, the lm_head and the embedding table become. The fp32 graphs are exported and verified first
+(edgevlm.export.bundle); the words below rewrite them in place inside the temporary bundle folder:
+
+    vision int8   static QDQ (QuantizeLinear/DequantizeLinear around every MatMul), int8 weights with one
+                  scale per output channel, 8-bit activations with ranges from a calibration set
+                  (edgevlm.calibration). Activations are asymmetric uint8 by default: GELU and softmax
+                  outputs are one-signed, and symmetric int8 spends half its codes on values that never
+                  occur (tiny test ViT, 4 held-out volumes: visual-token cosine 0.97 symmetric vs 0.994
+                  asymmetric); u8s8 is also MLAS's fast path on x86. `activation_symmetric=True`
+                  (`--symmetric-activations`) writes zero-point-0 int8 activations, the only int8 QDQ that
+                  TensorRT builds.
+    decoder int4  block-wise weight-only com.microsoft MatMulNBits (4 bits, block_size 32 by default,
+                  RTN or HQQ, accuracy_level 4 = int8 activations inside the kernel on CPU).
+    decoder int8  "nbits": MatMulNBits with 8 bits (weight-only, same kernel family as int4), or
+                  "dynamic": onnxruntime quantize_dynamic (MatMulInteger, per-channel weights, activations
+                  quantized per call). `QuantConfig.int8_decoder` picks; benchmarks/quantize.py measures both.
+    lm_head       the decoder graph's last Gemm, rewritten to a MatMul so the same quantizers reach it; its
+                  precision is a separate field because it sees every token and its error lands directly
+                  on the logits (measured in benchmarks/results/quantize-demo.json: lm_head_sensitivity).
+    embeddings    the table in embeddings.safetensors is gathered row by row by the runtime (one row per
+                  token, never a matmul), so quantizing it saves disk and RAM but no time; it stays fp16
+                  (half the fp32 bytes, an error far below any int8/int4 weight error).
+
+`auto` (edgevlm.export.sensitivity): int4 layers, with the most sensitive groups promoted to int8 until
+the accuracy gate holds; the chosen mix is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevlm.errors import EdgeVLMError
+
+QUANT_VERSION = 1
+INT4_METHODS = ("rtn", "hqq")
+INT8_DECODER_MODES = ("nbits", "dynamic")
+LM_HEAD = "decoder.lm_head"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What one --precision word does to each part of the bundle."""
+
+    vision: str  # fp32 | fp16 | int8
+    layers: str  # decoder transformer-layer linears: fp32 | fp16 | int8 | int4 | auto
+    lm_head: str  # fp32 | fp16 | int8 | int4
+    embeddings: str  # fp32 | fp16 (storage of embeddings.safetensors)
+    min_f1_retention: float | None  # task gate: finding F1 >= this x fp32's on the same studies
+    summary: str
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp32": Scheme("fp32", "fp32", "fp32", "fp32", None, "reference; parity gate only"),
+    "fp16": Scheme("fp16", "fp16", "fp16", "fp16", None, "whole model fp16 (GPU); parity gate only"),
+    "int8": Scheme("int8", "int8", "int8", "fp16", 0.99, "int8 QDQ vision + int8 decoder"),
+    "int4": Scheme("int8", "int4", "int8", "fp16", 0.98, "int8 QDQ vision + int4 decoder layers, int8 lm_head"),
+    "auto": Scheme("int8", "auto", "int8", "fp16", 0.98,
+                   "int8 QDQ vision + int4 layers, most sensitive groups int8 until the int4 gate holds"),
+}
+QUANTIZED = tuple(k for k, s in SCHEMES.items() if s.vision == "int8")
+
+
+@dataclass
+class QuantConfig:
+    """Options of a quantized export; serialized into the manifest (`quantization.config`)."""
+
+    calib: str = "synthetic:32"  # synthetic:N or a folder of studies
+    calib_method: str = "minmax"  # minmax | percentile | entropy (edgevlm.calibration.observers)
+    activation_symmetric: bool = False  # True: int8 activations with zero point 0 (TensorRT); False: uint8
+    int4_block_size: int = 32
+    int4_method: str = "rtn"  # rtn | hqq
+    int4_symmetric: bool = False  # zero points per block (asymmetric) keep more accuracy at int4
+    int8_decoder: str = "nbits"  # nbits | dynamic
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
+    gate_studies: str = "synthetic:16"  # held-out studies for the task gate (seeds from GATE_SEED_START)
+    gate_max_new_tokens: int | None = None  # None: the model's prompt default
+    allow_degradation: bool = False
+    version: int = QUANT_VERSION
+
+    def __post_init__(self) -> None:
+        from edgevlm.calibration import check_method
+
+        check_method(self.calib_method)
+        if self.int4_method not in INT4_METHODS:
+            raise EdgeVLMError(f"--int4-method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
+        if self.int8_decoder not in INT8_DECODER_MODES:
+            raise EdgeVLMError(f"int8_decoder must be one of {', '.join(INT8_DECODER_MODES)}")
+        if self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1):
+            raise EdgeVLMError(f"--int4-block-size must be a power of two >= 16, got {self.int4_block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeVLMError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quiet_ort_logging() -> None:
+    # onnxruntime.quantization configures the root logger at INFO and logs a line per node.
+    for name in ("root", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        logging.getLogger(None if name == "root" else name).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------ graph helpers
+
+
+def module_of(node: Any) -> str:
+    """The torch module path a dynamo-exported node came from ("decoder.layers.0.mlp.up_proj"), or ""."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in ast.literal_eval(prop.value) if s]
+            return scopes[-2] if len(scopes) >= 2 else ""
+    return ""
+
+
+def gemm_to_matmul(model: Any) -> None:
+    """Gemm(A, B, transB=1) with a constant B (the lm_head) -> MatMul(A, B^T) [+ Add(C)], in place.
+
+    onnxruntime's weight quantizers only rewrite MatMul; the exporter emits the lm_head (2-D input) as Gemm.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.input[1] not in inits or not plain:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T  # (N, K) -> (K, N): MatMul's layout
+        name = f"{node.input[1]}_kn"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        out = f"{node.output[0]}_mm" if has_bias else node.output[0]
+        mm = onnx.helper.make_node("MatMul", [node.input[0], name], [out], name=node.name)
+        mm.metadata_props.extend(node.metadata_props)
+        nodes.append(mm)
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def linear_nodes(model: Any) -> dict[str, str]:
+    """{node name: module path} for every MatMul with a constant weight (the model's nn.Linear layers)."""
+    inits = {i.name for i in model.graph.initializer}
+    return {n.name: module_of(n) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def layer_group(module: str) -> str:
+    """Sensitivity group of a linear: "layers.{i}.attn", "layers.{i}.mlp" or "lm_head"."""
+    if module == LM_HEAD:
+        return "lm_head"
+    parts = module.split(".")
+    if len(parts) >= 4 and parts[1] == "layers":
+        return f"layers.{parts[2]}.{'attn' if parts[3] == 'self_attn' else 'mlp'}"
+    return module
+
+
+def default_plan(model: Any, scheme: Scheme) -> dict[str, str]:
+    """{node name: precision} for every decoder linear under `scheme` (auto starts from int4)."""
+    layers = "int4" if scheme.layers == "auto" else scheme.layers
+    return {name: scheme.lm_head if module == LM_HEAD else layers for name, module in linear_nodes(model).items()}
+
+
+def _set_accuracy_level(model: Any, level: int) -> None:
+    import onnx
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
+
+
+def _nbits(model: Any, include: set[str], bits: int, cfg: QuantConfig) -> Any:
+    """MatMulNBits for the MatMul nodes in `include` (all others untouched); returns the new ModelProto."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if not include:
+        return model
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
+    # HQQ: block-wise zero points and scales fitted by half-quadratic optimisation (no data needed). 8-bit
+    # and RTN take the plain round-to-nearest path (HQQ is aimed at low bit widths; not measured at 8).
+    if bits == 4 and cfg.int4_method == "hqq":
+        algo: Any = HQQWeightOnlyQuantConfig(block_size=cfg.int4_block_size, bits=4)
+    else:
+        symmetric = cfg.int4_symmetric or bits == 8  # 8 bits: 256 levels leave a zero point little to win
+        algo = DefaultWeightOnlyQuantConfig(block_size=cfg.int4_block_size, is_symmetric=symmetric,
+                                            accuracy_level=cfg.accuracy_level, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=cfg.int4_block_size, nodes_to_exclude=exclude,
+                                     algo_config=algo)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _dynamic_int8(model: Any, include: set[str]) -> Any:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not include:
+        return model
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src))
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=sorted(include))
+        return onnx.load(str(dst))
+
+
+def quantize_decoder(src: Path, dst: Path, plan: dict[str, str], cfg: QuantConfig) -> dict[str, int]:
+    """Rewrite decoder.onnx per `plan` ({node name: fp32|int8|int4}); returns {precision: node count}."""
+    import onnx
+
+    _quiet_ort_logging()
+    model = onnx.load(str(src))
+    gemm_to_matmul(model)
+    unknown = sorted(set(plan) - set(linear_nodes(model)))
+    if unknown:
+        raise EdgeVLMError(f"quantization plan names nodes the decoder graph lacks: {', '.join(unknown[:3])}")
+    model = _nbits(model, {n for n, p in plan.items() if p == "int4"}, 4, cfg)
+    int8 = {n for n, p in plan.items() if p == "int8"}
+    model = _nbits(model, int8, 8, cfg) if cfg.int8_decoder == "nbits" else _dynamic_int8(model, int8)
+    _set_accuracy_level(model, cfg.accuracy_level)
+    onnx.save(model, str(dst))
+    counts: dict[str, int] = {}
+    for p in plan.values():
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def quantize_vision_int8(src: Path, dst: Path, volumes: np.ndarray, cfg: QuantConfig,
+                         on_volume: Any = None) -> None:
+    """Static QDQ int8 of vision.onnx: per-channel int8 weights, activations calibrated on `volumes`."""
+    from edgevlm.calibration import calibration_methods, volume_reader
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    _quiet_ort_logging()
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_static(
+            str(src), str(Path(tmp) / "vision.onnx"), volume_reader(volumes, on_volume=on_volume),
+            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if cfg.activation_symmetric else QuantType.QUInt8,
+            calibrate_method=calibration_methods()[cfg.calib_method], op_types_to_quantize=["MatMul"],
+            extra_options={"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True},
+        )
+        shutil.move(str(Path(tmp) / "vision.onnx"), str(dst))
+
+
+def graph_weight_bytes(path: Path, modules: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes of constant weights in a graph: transformer layers, lm_head and the rest.
+
+    Quantizers drop the exporter's module metadata on the nodes they write; `modules` ({fp32 node name:
+    module}, from `linear_nodes` before quantizing) names them through their name prefix.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    sizes = {i.name: len(i.raw_data) if i.raw_data else onnx.numpy_helper.to_array(i).nbytes
+             for i in model.graph.initializer}
+    by_prefix = sorted((modules or {}).items(), key=lambda kv: -len(kv[0]))
+    out = {"layers": 0, "lm_head": 0, "other": 0}
+    counted: set[str] = set()
+    for node in model.graph.node:
+        module = module_of(node) or next((m for n, m in by_prefix if node.name.startswith(n)), "")
+        part = "lm_head" if module == LM_HEAD else "layers" if module.startswith("decoder.layers.") else "other"
+        for name in node.input:
+            if name in sizes and name not in counted:
+                counted.add(name)
+                out[part] += sizes[name]
+    out["other"] += sum(v for k, v in sizes.items() if k not in counted)
+    return out

@@ -1,0 +1,155 @@
+"""Distillation on tiny models: KD loss goes down, the student loads and generates, init copies by value,
+unlabeled folders are labeled by the teacher, and the config round-trips through JSON."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from edgevlm.checkpoint import load_checkpoint
+from edgevlm.distill import DistillConfig, distill, init_from_teacher, layer_map
+from edgevlm.errors import EdgeVLMError
+from edgevlm.eval.runner import model_predictor
+from edgevlm.models import PRESETS, DecoderConfig, MedVLM, MedVLMConfig, ProjectorConfig, PromptConfig, VisionConfig
+from edgevlm.train import HELDOUT_SEED_START, TrainConfig, render_study, train
+
+TINY_RECIPE = {"name": "tiny-chest", "window": [-1000.0, 600.0], "spacing_mm": [40.0, 11.2, 11.2],
+               "grid": [8, 32, 32]}
+
+
+def tiny_config(name: str, vision_depth: int, decoder_dim: int, decoder_layers: int, pool=(1, 2, 2),
+                attention: str = "dense") -> MedVLMConfig:
+    return MedVLMConfig(
+        name=name,
+        vision=VisionConfig(image_size=(8, 32, 32), patch_size=(4, 8, 8), dim=32, depth=vision_depth, heads=2,
+                            mlp_dim=64, attention=attention, sparse_radius=1, sparse_block=8,
+                            foreground_threshold=0.05 if attention == "sparse3d" else None),
+        projector=ProjectorConfig(kind="spp", pool=pool),
+        decoder=DecoderConfig(vocab_size=300, dim=decoder_dim, n_layers=decoder_layers, n_heads=2,
+                              intermediate_size=2 * decoder_dim, max_seq_len=640, tie_embeddings=True),
+        prompt=PromptConfig(max_new_tokens=8),
+        preprocess=dict(TINY_RECIPE),
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    """A 2-layer teacher trained for a few steps (its logits are not uniform, so KL is informative)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    (folder / "teacher.json").write_text(tiny_config("tiny-teacher", 2, 48, 2).to_json())
+    cfg = TrainConfig(model=str(folder / "teacher.json"), steps=10, batch_studies=4, qa_per_study=2, lr=3e-3,
+                      warmup_steps=2, n_train_studies=6, vocab_size=300, tokenizer_corpus_studies=40,
+                      eval_every=100, eval_studies=1, checkpoint_every=100, render_workers=1, threads=2)
+    return train(cfg, folder / "run", log=lambda _: None)
+
+
+@pytest.fixture
+def student_json(tmp_path):
+    """Narrower decoder (a learned hidden-state projection), one sparse3d ViT layer, fewer visual tokens."""
+    path = tmp_path / "student.json"
+    path.write_text(tiny_config("tiny-student", 1, 32, 1, pool=(2, 2, 2), attention="sparse3d").to_json())
+    return path
+
+
+def test_distill_lowers_kd_loss_resumes_and_writes_a_student_that_loads_and_generates(tmp_path, teacher_path,
+                                                                                      student_json):
+    cfg = DistillConfig(teacher=str(teacher_path), student=str(student_json), data="synthetic:6", steps=16,
+                        batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=2, heldout_studies=2, eval_every=4,
+                        checkpoint_every=8, render_workers=1, threads=2)
+    out = tmp_path / "run"
+    distill(DistillConfig(**{**asdict(cfg), "steps": 8}), out, log=lambda _: None)
+    assert (out / "last.pt").exists()
+    path = distill(cfg, out, log=lambda _: None)  # resumes at step 8
+
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 17))
+    assert {"kl", "ce", "vision", "hidden", "total"} <= set(history[0])
+    heldout_kl = [h["heldout"]["kl"] for h in history if "heldout" in h]
+    assert heldout_kl[-1] < heldout_kl[0], heldout_kl
+    train_kl = [h["kl"] for h in history]
+    assert sum(train_kl[-4:]) < sum(train_kl[:4]), train_kl
+
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.name == "tiny-student" and ckpt.config.vision.attention == "sparse3d"
+    assert ckpt.config.num_visual_tokens == 4
+    saved = DistillConfig(**ckpt.extra["distillation"]["config"])
+    assert saved == cfg
+    assert "vision.patch_embed.weight" in ckpt.extra["distillation"]["init"]["copied"]
+    volume, _ = render_study(HELDOUT_SEED_START, ckpt.config)
+    answers = model_predictor(ckpt.model, ckpt.tokenizer_json, max_new_tokens=5)(volume, ["Is there emphysema?"])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_init_from_teacher_copies_matching_tensors_by_value(teacher_path):
+    teacher = load_checkpoint(teacher_path).model
+    assert layer_map(1, 2) == [1] and layer_map(2, 4) == [0, 3] and layer_map(3, 3) == [0, 1, 2]
+
+    # Same widths: ViT block 0 <- teacher block 1, decoder layer 0 <- teacher layer 1, embeddings, projector.
+    cfg = tiny_config("same-width", 1, 48, 1, pool=(2, 2, 2), attention="sparse3d")
+    cfg.decoder.vocab_size = teacher.cfg.decoder.vocab_size
+    student = MedVLM(cfg)
+    report = init_from_teacher(student, teacher)
+    assert torch.equal(student.vision.blocks[0].attn.qkv.weight, teacher.vision.blocks[1].attn.qkv.weight)
+    assert torch.equal(student.vision.pos_embed, teacher.vision.pos_embed)
+    assert torch.equal(student.decoder.layers[0].mlp.down_proj.weight, teacher.decoder.layers[1].mlp.down_proj.weight)
+    assert torch.equal(student.decoder.embed_tokens.weight, teacher.decoder.embed_tokens.weight)
+    assert torch.equal(student.decoder.lm_head.weight, teacher.decoder.lm_head.weight)  # tied
+    assert torch.equal(student.projector.linear1.weight, teacher.projector.linear1.weight)
+    assert report["copied"]["vision.blocks.0.attn.qkv.weight"] == "vision.blocks.1.attn.qkv.weight"
+    assert not report["skipped"] and report["copied_fraction"] == 1.0
+
+    # Narrower decoder: the ViT still copies; decoder and projector output stay fresh and are listed.
+    narrow = tiny_config("narrow", 1, 32, 1, pool=(2, 2, 2))
+    narrow.decoder.vocab_size = teacher.cfg.decoder.vocab_size
+    student = MedVLM(narrow)
+    fresh_embed = student.decoder.embed_tokens.weight.clone()
+    report = init_from_teacher(student, teacher)
+    assert torch.equal(student.vision.blocks[0].mlp.linear1.weight, teacher.vision.blocks[1].mlp.linear1.weight)
+    assert torch.equal(student.decoder.embed_tokens.weight, fresh_embed)
+    assert "decoder.embed_tokens.weight" in report["skipped"] and "projector.linear2.weight" in report["skipped"]
+
+
+def test_unlabeled_folder_is_labeled_by_the_teacher(tmp_path, teacher_path, student_json):
+    from edgevlm.data.dicom import make_synthetic
+
+    studies = tmp_path / "studies"
+    make_synthetic(studies, 2, seed=HELDOUT_SEED_START + 500)
+    cfg = DistillConfig(teacher=str(teacher_path), student=str(student_json), data=str(studies), steps=2,
+                        batch_studies=2, qa_per_study=2, heldout_studies=0, eval_every=100, checkpoint_every=100,
+                        threads=2)
+    path = distill(cfg, tmp_path / "run", log=lambda _: None)
+    labels = json.loads((tmp_path / "run" / "teacher_labels.json").read_text())
+    assert len(labels) == 2
+    for entry in labels.values():
+        assert isinstance(entry["report"], str)
+        assert len(entry["qa"]) >= 16 and all(len(pair) == 2 for pair in entry["qa"])  # every presence question
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert "seq" in history[0] and "ce" not in history[0]  # teacher text is the target, no ground truth read
+    assert load_checkpoint(path).config.name == "tiny-student"
+
+
+def test_config_json_round_trip_and_errors(tmp_path, teacher_path):
+    cfg = DistillConfig(teacher="t.safetensors", student="demo-small", data="synthetic:10", temperature=3.0,
+                        w_hidden=0.0, threads=2, extra={"note": "x"})
+    assert DistillConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="unknown DistillConfig fields"):
+        DistillConfig.from_json(json.dumps({"temprature": 2.0}))
+
+    bad_vocab = tmp_path / "bad.json"
+    wrong = tiny_config("bad", 1, 32, 1)
+    wrong.decoder.vocab_size = 999
+    bad_vocab.write_text(wrong.to_json())
+    with pytest.raises(EdgeVLMError, match="vocab_size 999"):
+        distill(DistillConfig(teacher=str(teacher_path), student=str(bad_vocab), data="synthetic:2"), tmp_path / "r",
+                log=lambda _: None)
+
+
+def test_demo_small_preset_is_small_and_has_32_visual_tokens():
+    cfg = PRESETS["demo-small"]()
+    teacher = PRESETS["demo-tiny"]()
+    assert cfg.num_visual_tokens == 32 and teacher.num_visual_tokens == 64
+    assert cfg.vision.attention == "sparse3d" and cfg.vision.image_size == teacher.vision.image_size
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in MedVLM(cfg).parameters())
+    assert n_params * 2 <= 10e6  # fp16 bytes

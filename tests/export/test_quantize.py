@@ -1,0 +1,145 @@
+"""Quantized bundles (int8 / int4 / auto) of a tiny random-weight model: graph contents, gates, degradation,
+the torch backend through bitsandbytes. One checkpoint; each test exports with 2-4 studies per set."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from edgevlm.calibration import CalibrationSet, array_sha256
+from edgevlm.export import export_bundle
+from edgevlm.export.quantize import SCHEMES, QuantConfig, quantize_decoder
+from edgevlm.export.testing import make_checkpoint, tiny_config
+from typer.testing import CliRunner
+
+from edgevlm.cli import app
+from edgevlm.errors import EdgeVLMError
+from edgevlm.runtime import load_bundle
+
+QCFG = QuantConfig(calib="synthetic:3", gate_studies="synthetic:3", gate_max_new_tokens=6)
+
+
+def quant_config():  # wider than tiny_config's decoder: int4 blocks of 32 need K >= 64 to mean anything
+    cfg = tiny_config("gqa")
+    return dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, dim=128, intermediate_size=256))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("q") / "quant.safetensors", quant_config())
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(ckpt: Path, tmp_path_factory) -> Path:
+    return export_bundle(ckpt, tmp_path_factory.mktemp("q4") / "int4", precision="int4", quant=QCFG)
+
+
+def air_calibration(grid: tuple[int, int, int]) -> CalibrationSet:
+    """A broken calibration set: 3 air-only volumes (0.0 after the window: what blank series give)."""
+    vols = np.zeros((3, 1, *grid), np.float32)
+    return CalibrationSet(vols, "constant air volumes (test)", "tiny-gqa", [array_sha256(v[0]) for v in vols])
+
+
+def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
+    m = json.loads((int4_bundle / "manifest.json").read_text())
+    assert m["precision"] == "int4" and m["degraded"] is False and m["accuracy"]["passed"]
+    dec = onnx.load(str(int4_bundle / "decoder.onnx"))
+    nbits = [n for n in dec.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert sorted(a["bits"] for a in attrs).count(4) == 14 and [a["bits"] for a in attrs].count(8) == 1  # lm_head
+    assert all(a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs)
+    dec_inits = {i.name for i in dec.graph.initializer}
+    assert not [n for n in dec.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dec_inits]
+    vis = onnx.load(str(int4_bundle / "vision.onnx"))
+    inits = {i.name: i for i in vis.graph.initializer}
+    ops = {n.op_type for n in vis.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # per-channel weights: a DequantizeLinear of an int8 initializer with one scale per output column
+    per_channel = [n for n in vis.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[1]].dims) == 1
+                   and inits[n.input[1]].dims[0] > 1]
+    assert len(per_channel) >= 6
+    session = load_bundle(int4_bundle)
+    assert session.table.dtype == np.float16  # embeddings stored fp16 (README: Precisions)
+    r = session.generate(np.random.default_rng(0).random((8, 16, 16), dtype=np.float32), max_new_tokens=4)
+    assert 1 <= r.n_new_tokens <= 4
+    q = m["quantization"]
+    assert q["decoder_plan"]["decoder.lm_head"] == "int8" and q["config"]["int4_block_size"] == 32
+    assert q["weight_bytes"]["decoder"]["layers"] < 0.2 * 4 * 2 * (4 * 128 * 128 + 3 * 128 * 256) + 4096
+
+
+def test_calibration_record(int4_bundle: Path) -> None:
+    text = (int4_bundle / "calibration.json").read_text()
+    rec = json.loads(text)
+    assert rec["method"] == "minmax" and rec["count"] == 3 and len(rec["studies"]) == 3
+    assert all(len(s["sha256"]) == 64 for s in rec["studies"]) and set(rec["studies"][0]) == {"index", "sha256"}
+    assert rec["seeds"] == [2_000_000, 2_000_001, 2_000_002]
+    assert str(int4_bundle.parent) not in text and "/" not in json.dumps(rec["studies"])
+    assert "calibration.json" in json.loads((int4_bundle / "manifest.json").read_text())["files"]
+
+
+def test_broken_calibration_fails_int8_gate(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    with pytest.raises(EdgeVLMError, match=r"misses its accuracy gate.*vision cosine"):
+        export_bundle(ckpt, out, precision="int8", quant=QCFG, calibration=air_calibration((8, 16, 16)))
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, no partial folder left
+
+
+def test_allow_degradation_marks_bundle_and_infer_warns(ckpt: Path, tmp_path: Path) -> None:
+    qcfg = dataclasses.replace(QCFG, allow_degradation=True)
+    out = export_bundle(ckpt, tmp_path / "int8", precision="int8", quant=qcfg,
+                        calibration=air_calibration((8, 16, 16)))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["degraded"] is True and m["accuracy"]["failures"] and m["accuracy"]["parity"]["vision_cosine_min"] < 0.98
+    import nibabel as nib
+
+    study = tmp_path / "study.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), -500, np.int16), np.diag([2.0, 2.0, 4.0, 1.0])), str(study))
+    res = CliRunner().invoke(app, ["infer", str(study), "--bundle", str(out), "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "warning" in res.output and "accuracy gate" in res.output
+
+
+def test_quantize_decoder_int8_modes(gqa_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """int8 weight-only (MatMulNBits bits=8) and dynamic (MatMulInteger) decoders both build and load."""
+    import onnxruntime as ort
+    from edgevlm.export.quantize import linear_nodes
+
+    src = gqa_bundle[1] / "decoder.onnx"  # the shared fp32 tiny bundle (tests/export/conftest.py)
+    plan = dict.fromkeys(linear_nodes(onnx.load(str(src))), "int8")
+    for mode, op in (("nbits", "MatMulNBits"), ("dynamic", "MatMulInteger")):
+        dst = tmp_path / f"{mode}.onnx"
+        quantize_decoder(src, dst, plan, dataclasses.replace(QCFG, int8_decoder=mode))
+        assert op in {n.op_type for n in onnx.load(str(dst)).graph.node}
+        ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+
+
+def test_schemes_registry() -> None:
+    assert set(SCHEMES) == {"fp32", "fp16", "int8", "int4", "auto"}
+    assert SCHEMES["int4"].vision == "int8" and SCHEMES["int4"].layers == "int4"
+    assert SCHEMES["int8"].min_f1_retention == 0.99 and SCHEMES["int4"].min_f1_retention == 0.98
+    with pytest.raises(EdgeVLMError, match="int4-block-size"):
+        QuantConfig(int4_block_size=24)
+    with pytest.raises(EdgeVLMError, match="int4-method"):
+        QuantConfig(int4_method="awq")
+
+
+@pytest.mark.parametrize(("quant", "dtype"), [("int8", "fp32"), ("nf4", "fp32"), ("nf4", "bf16"), (None, "bf16")])
+def test_torch_backend_bitsandbytes_cpu(int4_bundle: Path, quant: str | None, dtype: str) -> None:
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'edgevlm[bnb]')")
+    ref = load_bundle(int4_bundle, backend="torch")
+    s = load_bundle(int4_bundle, backend="torch", quant=quant, dtype=dtype)
+    if quant:
+        import bitsandbytes as bnb
+
+        kind = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
+        assert isinstance(s.backend.model.decoder.layers[0].mlp.up_proj, kind)
+    vol = np.random.default_rng(1).random((8, 16, 16), dtype=np.float32)
+    a = ref.generate(vol, max_new_tokens=3, collect_logits=True)
+    b = s.generate(vol, max_new_tokens=3, collect_logits=True)
+    la, lb = a.logits[0].ravel(), b.logits[0].ravel()
+    assert np.corrcoef(la, lb)[0, 1] > 0.95  # close to fp32, not equal
