@@ -54,6 +54,7 @@ from edgevlm.train import (
     answer_outputs,
     lr_at,
     make_batch,
+    make_optimizer,
     model_recipe,
     render_study,
     study_texts,
@@ -445,11 +446,9 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
             f"({init['copied_fraction']:.0%} of the student's parameters; ViT layers {init['vision_layer_map']}, "
             f"decoder layers {init['decoder_layer_map']}), {len(init['skipped'])} fresh")
     projections = feature_projections(student_cfg, teacher_cfg).to(device)
-    named = [*student.named_parameters(), *(("proj." + n, p) for n, p in projections.named_parameters())]
-    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(
+        [*student.named_parameters(), *(("proj." + n, p) for n, p in projections.named_parameters())],
+        cfg.lr, cfg.weight_decay)
     start_step, history = 0, []
     last = out_dir / "last.pt"
     if resume and last.exists():

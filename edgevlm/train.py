@@ -295,6 +295,14 @@ def render_training_set(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path
     return volumes, specs
 
 
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases or position tables)."""
+    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def make_batch(volumes: list[torch.Tensor], texts: list, tokenizer: Any, model_cfg: MedVLMConfig, ids: SpecialIds,
                device: torch.device) -> tuple:
     """loss_on's arguments for studies' volumes and study_texts."""
@@ -345,11 +353,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
 
     model = MedVLM(model_cfg).to(device)
     aux_head = torch.nn.Linear(2 * model_cfg.vision.dim, len(finding_labels())).to(device)
-    named = [*model.named_parameters(), *(("aux." + n, p) for n, p in aux_head.named_parameters())]
-    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer([*model.named_parameters(), *(("aux." + n, p) for n, p in aux_head.named_parameters())],
+                               cfg.lr, cfg.weight_decay)
     start_step, history = 0, []
     last = out_dir / "last.pt"
     if resume and last.exists():

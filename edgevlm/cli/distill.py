@@ -41,7 +41,7 @@ def distill_cmd(
     Example: edgevlm distill --teacher edgevlm/assets/demo-teacher.safetensors --student demo-small
     --data synthetic:800 -o runs/demo-small --steps 1200
     """
-    from edgevlm.cli.train import _headline, _progress
+    from edgevlm.cli.train import _headline, _progress, progress_callback
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
     from edgevlm.train import REPORT_QUESTIONS, model_recipe
@@ -67,15 +67,8 @@ def distill_cmd(
         return _headline(metrics)
 
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(done: int, total: int, info: dict) -> None:
-            phase = info.get("phase", "distill")
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total, info="")
-            text = f"loss {info['total']:.3f} (kl {info['kl']:.3f})" if "total" in info else ""
-            bar.update(tasks[phase], completed=done, info=text)
-
+        progress = progress_callback(
+            bar, "distill", lambda info: f"loss {info['total']:.3f} (kl {info['kl']:.3f})" if "total" in info else "")
         path = distill(cfg, out, resume=not fresh, log=console.print, progress=progress,
                        evaluate=evaluate if eval_set else None)
     console.print(f"wrote {path}")

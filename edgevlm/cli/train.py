@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -56,18 +57,23 @@ def train_cmd(
         return _headline(metrics)
 
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(done: int, total: int, info: dict) -> None:
-            phase = info.get("phase", "train")
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total, info="")
-            text = f"loss {info['loss']:.3f}" if "loss" in info else ""
-            bar.update(tasks[phase], completed=done, info=text)
-
+        progress = progress_callback(bar, "train", lambda info: f"loss {info['loss']:.3f}" if "loss" in info else "")
         path = train(cfg, out, resume=not fresh, log=console.print, progress=progress,
                      evaluate=evaluate if eval_set else None)
     console.print(f"wrote {path}")
+
+
+def progress_callback(bar: Progress, default_phase: str, describe: Any) -> Any:
+    """A (done, total, info) callback that keeps one bar per phase ("render", "train", ...)."""
+    tasks: dict[str, int] = {}
+
+    def progress(done: int, total: int, info: dict) -> None:
+        phase = info.get("phase", default_phase)
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, info="")
+        bar.update(tasks[phase], completed=done, info=describe(info))
+
+    return progress
 
 
 def _headline(metrics: dict) -> dict:
