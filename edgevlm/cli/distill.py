@@ -41,10 +41,8 @@ def distill_cmd(
     Example: edgevlm distill --teacher edgevlm/assets/demo-teacher.safetensors --student demo-small
     --data synthetic:800 -o runs/demo-small --steps 1200
     """
-    from edgevlm.cli.train import _headline, _progress, progress_callback
+    from edgevlm.cli.train import _progress, periodic_eval, progress_callback
     from edgevlm.distill import DistillConfig, distill
-    from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
-    from edgevlm.train import REPORT_QUESTIONS, model_recipe
 
     if not teacher.exists():
         raise EdgeVLMError("no such teacher checkpoint", teacher)
@@ -59,16 +57,9 @@ def distill_cmd(
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:
         cfg.init_from_teacher = False
-    eval_set = list(synthetic_studies(full_eval_studies)) if full_eval_studies > 0 else []
-
-    def evaluate(model, tokenizer, model_cfg) -> dict:
-        metrics = run_eval(model_predictor(model, tokenizer), model_recipe(model_cfg), iter(eval_set),
-                           REPORT_QUESTIONS[0])
-        return _headline(metrics)
-
     with _progress() as bar:
         progress = progress_callback(
             bar, "distill", lambda info: f"loss {info['total']:.3f} (kl {info['kl']:.3f})" if "total" in info else "")
         path = distill(cfg, out, resume=not fresh, log=console.print, progress=progress,
-                       evaluate=evaluate if eval_set else None)
+                       evaluate=periodic_eval(full_eval_studies))
     console.print(f"wrote {path}")

@@ -41,26 +41,36 @@ def train_cmd(
 
     Example: edgevlm train -o runs/demo --steps 2400
     """
-    from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
-    from edgevlm.train import REPORT_QUESTIONS, TrainConfig, model_recipe, train
+    from edgevlm.train import TrainConfig, train
 
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
                       aux_weight=aux_weight,
                       n_train_studies=n_train_studies,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
                       eval_studies=eval_studies)
-    eval_set = list(synthetic_studies(full_eval_studies)) if full_eval_studies > 0 else []
-
-    def evaluate(m, tokenizer, model_cfg) -> dict:
-        metrics = run_eval(model_predictor(m, tokenizer), model_recipe(model_cfg), iter(eval_set),
-                           REPORT_QUESTIONS[0])
-        return _headline(metrics)
-
     with _progress() as bar:
         progress = progress_callback(bar, "train", lambda info: f"loss {info['loss']:.3f}" if "loss" in info else "")
         path = train(cfg, out, resume=not fresh, log=console.print, progress=progress,
-                     evaluate=evaluate if eval_set else None)
+                     evaluate=periodic_eval(full_eval_studies))
     console.print(f"wrote {path}")
+
+
+def periodic_eval(n_studies: int) -> Any:
+    """A (model, tokenizer, config) -> headline metrics callback over n held-out studies, or None for n = 0.
+    The studies are rendered once, up front, and reused at every evaluation."""
+    from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
+    from edgevlm.train import REPORT_QUESTIONS, model_recipe
+
+    if n_studies <= 0:
+        return None
+    eval_set = list(synthetic_studies(n_studies))
+
+    def evaluate(model: Any, tokenizer: Any, model_cfg: Any) -> dict:
+        metrics = run_eval(model_predictor(model, tokenizer), model_recipe(model_cfg), iter(eval_set),
+                           REPORT_QUESTIONS[0])
+        return _headline(metrics)
+
+    return evaluate
 
 
 def progress_callback(bar: Progress, default_phase: str, describe: Any) -> Any:
