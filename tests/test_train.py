@@ -59,3 +59,42 @@ def test_rendered_training_volume_matches_the_recipe_grid():
     assert volume.shape == (32, 128, 128) and volume.dtype.name == "float32"
     assert volume.min() >= 0.0 and volume.max() <= 1.0 and torch.isfinite(torch.from_numpy(volume)).all()
     assert spec.seed == 7
+
+
+def test_input_centering_folds_exactly_into_the_position_table(tiny_model_json):
+    """Training-time centering (pos_embed - W mu) must bake into a plain ViT with the same outputs."""
+    from edgevlm.models import MedVLM
+    from edgevlm.train import bake_parametrizations, prepare_for_training
+
+    cfg = MedVLMConfig.from_json(tiny_model_json.read_text())
+    torch.manual_seed(0)
+    model = MedVLM(cfg).double()
+    mean_volume = torch.rand(cfg.vision.image_size, dtype=torch.float64)
+    prepare_for_training(model, mean_volume)
+    for block in model.vision.blocks:  # zero-initialized residual outputs
+        assert block.attn.out_proj.weight.abs().max() == 0 and block.mlp.linear2.weight.abs().max() == 0
+        torch.nn.init.normal_(block.attn.out_proj.weight, std=0.1)  # so the blocks take part below
+        torch.nn.init.normal_(block.mlp.linear2.weight, std=0.1)
+    volume = torch.rand(2, 1, *cfg.vision.image_size, dtype=torch.float64)
+    with torch.no_grad():
+        reference_tokens = model.vision(volume).clone()
+        raw_pos = model.vision.parametrizations.pos_embed.original.clone()
+    bake_parametrizations(model)
+    assert "pos_embed" in dict(model.vision.named_parameters())  # a plain parameter again
+    with torch.no_grad():
+        baked = model.vision(volume)
+        model.vision.pos_embed.copy_(raw_pos)  # undo the fold and centre the input instead
+        explicit = model.vision(volume - mean_volume)
+    assert torch.allclose(baked, reference_tokens, atol=1e-12)
+    assert torch.allclose(baked, explicit, atol=1e-10)
+    assert not torch.allclose(baked, model.vision(volume), atol=1e-3)  # centering matters
+
+
+def test_sentence_mean_weights_each_sentence_equally():
+    from edgevlm.train import sentence_mean
+
+    ends = torch.tensor([False, False, True, False])  # token 2 closes a sentence
+    # row 0: sentence (0, 0, 2) losses 1, 2, 3 -> 2; sentence (1, 3) losses 10, 20 -> 15; pad ignored
+    targets = torch.tensor([[0, 0, 2, 1, 3, -100], [1, 2, -100, -100, -100, -100]])
+    losses = torch.tensor([[1.0, 2.0, 3.0, 10.0, 20.0, 99.0], [4.0, 6.0, 99.0, 99.0, 99.0, 99.0]])
+    assert sentence_mean(losses, targets, ends).item() == pytest.approx((2.0 + 15.0 + 5.0) / 3)
