@@ -12,7 +12,7 @@ import onnx
 import pytest
 from edgevlm.calibration import CalibrationSet, array_sha256
 from edgevlm.export import export_bundle
-from edgevlm.export.quantize import SCHEMES, QuantConfig, quantize_decoder
+from edgevlm.export.quantize import SCHEMES, QuantConfig, module_of, quantize_decoder
 from edgevlm.export.testing import make_checkpoint, tiny_config
 from typer.testing import CliRunner
 
@@ -63,6 +63,16 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
                    and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[1]].dims) == 1
                    and inits[n.input[1]].dims[0] > 1]
     assert len(per_channel) >= 6
+    # the patch embedding's MatMul and the attention matmuls stay float (quantize_vision_int8 says why)
+    matmuls = [n for n in vis.graph.node if n.op_type == "MatMul"]
+    quantized_weight = {n.name for n in matmuls if n.input[1] not in inits}  # weight arrives via DequantizeLinear
+    dq_out = {n.output[0] for n in vis.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    int8_linears = [n for n in matmuls if n.input[1] in dq_out]
+    float_linears = [n for n in matmuls if n.input[1] in inits]
+    assert len(float_linears) == 1 and module_of(float_linears[0]).endswith("patch_embed")
+    assert len(int8_linears) == len(per_channel) and quantized_weight
+    attention = [n for n in matmuls if n not in int8_linears and n not in float_linears]
+    assert attention and not any(i in dq_out for n in attention for i in n.input)
     session = load_bundle(int4_bundle)
     assert session.table.dtype == np.float16  # embeddings stored fp16 (README: Precisions)
     r = session.generate(np.random.default_rng(0).random((8, 16, 16), dtype=np.float32), max_new_tokens=4)

@@ -17,4 +17,4 @@ edgevlm bench --bundle "$work/demo-fp32" --bundle "$work/demo-int8" --bundle "$w
     --requirements "$here/requirements.toml" --label "edgevlm dev machine (CPU only)" -o "$here"
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
     --disable-sync --no-first-run --user-data-dir="$(mktemp -d)" --screenshot="$here/report.png" \
-    --window-size=1400,3000 "file://$here/report.html"
+    --window-size=1400,3250 "file://$here/report.html"
