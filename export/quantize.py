@@ -4,10 +4,11 @@ One registry (`SCHEMES`) says, per precision word, what the vision encoder, the 
 layers, the lm_head and the embedding table become. The fp32 graphs are exported and verified first
 (edgevlm.export.bundle); the words below rewrite them in place inside the temporary bundle folder:
 
-    vision int8   static QDQ (QuantizeLinear/DequantizeLinear around every MatMul), int8 weights with one
+    vision int8   static QDQ (QuantizeLinear/DequantizeLinear around the linear layers but the patch
+                  embedding; attention matmuls stay float: see quantize_vision_int8), int8 weights with one
                   scale per output channel, 8-bit activations with ranges from a calibration set
-                  (edgevlm.calibration). Activations are asymmetric uint8 by default: GELU and softmax
-                  outputs are one-signed, and symmetric int8 spends half its codes on values that never
+                  (edgevlm.calibration). Activations are asymmetric uint8 by default: GELU outputs are
+                  nearly one-signed, and symmetric int8 spends half its codes on values that never
                   occur (tiny test ViT, 4 held-out volumes: visual-token cosine 0.97 symmetric vs 0.994
                   asymmetric); u8s8 is also MLAS's fast path on x86. `activation_symmetric=True`
                   (`--symmetric-activations`) writes zero-point-0 int8 activations, the only int8 QDQ that
