@@ -229,8 +229,8 @@ def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, t
             qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int,
             aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None,
             sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
-    """Half report loss (mean over report tokens), half QA loss (mean over questions of each answer's
-    mean token loss); the visual tokens are computed once per study.
+    """Half report loss (mean over report tokens, or over sentences with `sentence_ends`), half QA loss
+    (mean over questions of each answer's mean token loss); the visual tokens are computed once per study.
 
     Why the split: a report is ~100 tokens of which a handful depend on the image, while a short
     answer ("yes", "left", "12 mm") is all image. Weighting per token lets the decoder reach a low loss
@@ -312,7 +312,7 @@ class CenteredPatchInput(torch.nn.Module):
 
 
 def prepare_for_training(model: MedVLM, mean_volume: torch.Tensor | None) -> None:
-    """Initialization for training from scratch (not used when fine-tuning or importing weights).
+    """Initialization for training from scratch (a resumed run then loads its state over it).
 
     The residual branches of the vision blocks start at zero (their output projections are zeroed), so
     the encoder starts as patch embedding + norm and grows into its depth. With the default init each
