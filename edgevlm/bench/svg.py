@@ -62,6 +62,15 @@ def _x_axis(body: list[str], ticks: list[float], sx, top: float, bottom: float, 
     body.append(f"<text x='{mid:.1f}' y='{bottom + 36}' text-anchor='middle' fill='#111827'>{escape(label)}</text>")
 
 
+def _y_axis(body: list[str], ticks: list[float], sy, left: float, right_x: float, top: float, bottom: float,
+            label: str) -> None:
+    for t in ticks:
+        body.append(f"<line x1='{left}' x2='{right_x}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#e5e7eb'/>")
+        body.append(f"<text x='{left - 6}' y='{sy(t) + 4:.1f}' text-anchor='end' fill='#4b5563'>{fmt(t)}</text>")
+    body.append(f"<text transform='translate(14 {(top + bottom) / 2:.0f}) rotate(-90)' text-anchor='middle' "
+                f"fill='#111827'>{escape(label)}</text>")
+
+
 def box_plot(rows: Sequence[tuple[str, Sequence[float]]], xlabel: str, title: str, width: int = 1100,
              marker_q: float = 90) -> str:
     """Horizontal box plots: box p25-p75, line at the median, whiskers min-max, samples as dots and a red
@@ -160,11 +169,7 @@ def scatter(points: Sequence[dict], xlabel: str, ylabel: str, title: str, width:
 
     body: list[str] = []
     _x_axis(body, xt, sx, top, bottom, xlabel)
-    for t in yt:
-        body.append(f"<line x1='{left}' x2='{width - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#e5e7eb'/>")
-        body.append(f"<text x='{left - 6}' y='{sy(t) + 4:.1f}' text-anchor='end' fill='#4b5563'>{fmt(t)}</text>")
-    body.append(f"<text transform='translate(14 {(top + bottom) / 2:.0f}) rotate(-90)' text-anchor='middle' "
-                f"fill='#111827'>{escape(ylabel)}</text>")
+    _y_axis(body, yt, sy, left, width - right, top, bottom, ylabel)
     # Points are named by a legend, not by labels beside them: close points would overprint their labels.
     lx, ly = left + 8, top + 14
     for p in pts:
@@ -195,11 +200,7 @@ def lines(series: Sequence[dict], xlabel: str, ylabel: str, title: str, width: i
 
     body: list[str] = []
     _x_axis(body, xt, sx, top, bottom, xlabel)
-    for t in yt:
-        body.append(f"<line x1='{left}' x2='{width - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#e5e7eb'/>")
-        body.append(f"<text x='{left - 6}' y='{sy(t) + 4:.1f}' text-anchor='end' fill='#4b5563'>{fmt(t)}</text>")
-    body.append(f"<text transform='translate(14 {(top + bottom) / 2:.0f}) rotate(-90)' text-anchor='middle' "
-                f"fill='#111827'>{escape(ylabel)}</text>")
+    _y_axis(body, yt, sy, left, width - right, top, bottom, ylabel)
     x = left
     for s in series:
         body.append(f"<rect x='{x}' y='8' width='14' height='4' fill='{s['color']}'/>")
