@@ -63,6 +63,11 @@ class TrainConfig:
     aux_weight: float = 1.0
     center_input: bool = True  # see CenteredPatchInput
     report_loss: str = "sentence"  # "sentence": mean over sentences (see loss_on); "token": mean over tokens
+    # Each QA row's text is moved 0..qa_position_jitter rotary positions away from the visual tokens
+    # (see text_rope_positions); 0 disables it.
+    qa_position_jitter: int = 256
+    # Weight of the training-only lesion heads (0: off; see LesionHeads and lesion_patch_targets).
+    lesion_weight: float = 1.0
     render_workers: int = 2
     seed: int = 0
     device: str = "cpu"
@@ -86,21 +91,28 @@ def model_recipe(cfg: MedVLMConfig) -> Any:
 
 
 def render_study(seed: int, cfg: MedVLMConfig) -> tuple[np.ndarray, Any]:
-    """(preprocessed volume (D, H, W) float32 at the model grid, StudySpec) for one study seed.
+    """(preprocessed volume (D, H, W) float32 at the model grid, StudySpec) for one study seed."""
+    from edgevlm.data import sample_study
+
+    spec = sample_study(seed)
+    return render_spec(spec, cfg), spec
+
+
+def render_spec(spec: Any, cfg: MedVLMConfig) -> np.ndarray:
+    """The preprocessed volume (D, H, W) float32 of a StudySpec at the model grid.
 
     Equivalent to writing the native series and preprocessing it, at a fraction of the cost: the
     phantom is rendered directly on the grid the recipe's resampling would produce from the native
     series (same extent, same voxel centres, including the half-voxel offsets of the crop/pad), and
     the recipe itself does the rest. Checked against the native path in tests/test_train.py.
     """
-    from edgevlm.data import render_volume, sample_study
+    from edgevlm.data import render_volume
     from edgevlm.preprocess import preprocess
     from edgevlm.volume import Volume
 
     recipe = model_recipe(cfg)
     if recipe.spacing_mm is None:
         raise ValueError("training renders at the recipe spacing: the recipe must set spacing_mm")
-    spec = sample_study(seed)
     native_shape, native_mm = spec.native_shape_zyx, spec.native_spacing_mm
     # The recipe resamples n voxels of s mm to round(n * s / t) voxels spanning the same extent.
     shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(native_shape, native_mm, recipe.spacing_mm, strict=True))
@@ -110,12 +122,79 @@ def render_study(seed: int, cfg: MedVLMConfig) -> tuple[np.ndarray, Any]:
     origin_mm = (ox + (spacing_mm[2] - native_mm[2]) / 2, oy + (spacing_mm[1] - native_mm[1]) / 2,
                  oz + (spacing_mm[0] - native_mm[0]) / 2)
     hu = render_volume(spec, shape, spacing_mm, origin_mm)
-    return preprocess(Volume(hu, spacing_mm, origin_mm), recipe), spec
+    return preprocess(Volume(hu, spacing_mm, origin_mm), recipe)
 
 
 def _render_worker(args: tuple[int, MedVLMConfig]) -> tuple[np.ndarray, Any]:
     torch.set_num_threads(1)
     return render_study(*args)
+
+
+# Focal findings: what the per-patch lesion head marks. Diffuse ones (effusion, cardiomegaly,
+# emphysema) are large and in fixed places, and the per-study finding head learns them quickly.
+LESION_TYPES = ("nodule", "mass", "consolidation", "pneumothorax")
+# A patch holds a lesion when removing the finding moves one of its voxels by more than this (0.05 of
+# the demo-chest window [-1000, 600] HU = 80 HU), which leaves out the faint partial-volume fringe.
+# Measured on the 1,600 training studies: every study with a focal finding gets a target (nodule 2.5
+# patches on average, mass 6.8, consolidation 10.9, pneumothorax 52 of 512).
+LESION_DELTA = 0.05
+
+
+def lesion_patch_targets(spec: Any, volume: np.ndarray, cfg: MedVLMConfig) -> np.ndarray:
+    """(num_patches, len(LESION_TYPES)) uint8: the ViT patches each focal finding type occupies.
+
+    Rendered rather than drawn from the finding geometry: the study is rendered again without that
+    type and every patch with a voxel that changes by more than LESION_DELTA counts, so the target is
+    exactly what the encoder sees (partial volume, clipping to the lung, pneumothorax shapes).
+    `volume` is the study's own render at the model grid (the cached fp16 one is precise enough).
+    """
+    import dataclasses
+
+    from edgevlm.models.vision import patchify
+
+    out = np.zeros((cfg.vision.num_patches, len(LESION_TYPES)), dtype=np.uint8)
+    for j, kind in enumerate(LESION_TYPES):
+        if not any(f.type == kind for f in spec.findings):
+            continue
+        without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != kind])
+        moved = np.abs(np.asarray(volume, np.float32) - render_spec(without, cfg)) > LESION_DELTA
+        patches = patchify(torch.from_numpy(moved)[None, None], cfg.vision.patch_size).any(-1)[0]
+        out[:, j] = patches.numpy()
+    return out
+
+
+def _lesion_worker(args: tuple[Any, np.ndarray, MedVLMConfig]) -> np.ndarray:
+    torch.set_num_threads(1)
+    return lesion_patch_targets(*args)
+
+
+class LesionHeads(torch.nn.Module):
+    """Training-only per-location lesion classifiers: one on the ViT patch tokens, one on the visual
+    tokens the decoder reads (the projector's pooled cells, targets max-pooled the same way).
+
+    Why both: the patch head teaches the encoder to see a lesion (nodule patch AUC 0.58 -> 0.92 in 800
+    steps), but the spp projector averages 8 patches per visual token, and the decoder still read
+    nodules at chance (teacher-forced impression AUC 0.60 for nodule at step 4200): the cell head makes
+    the lesion survive the pooling, in the tokens the decoder actually attends to.
+    """
+
+    def __init__(self, vision_dim: int, decoder_dim: int, n_types: int):
+        super().__init__()
+        self.patch = torch.nn.Linear(vision_dim, n_types)
+        self.cell = torch.nn.Linear(decoder_dim, n_types)
+
+
+def cell_targets(patch_targets: torch.Tensor, grid: tuple[int, int, int], pool: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N, T) per-patch targets -> (B, M, T) per visual token, pooled like the spp projector (max)."""
+    b, _, t = patch_targets.shape
+    x = patch_targets.transpose(1, 2).reshape(b, t, *grid)
+    return F.max_pool3d(x, kernel_size=pool, stride=pool).flatten(2).transpose(1, 2)
+
+
+def lesion_loss(head: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-location multi-label BCE (positives weighted: a nodule is 1-2 of 512 patches)."""
+    pos_weight = torch.full((targets.shape[-1],), 20.0, device=targets.device)
+    return F.binary_cross_entropy_with_logits(head(tokens).float(), targets, pos_weight=pos_weight)
 
 
 def study_texts(spec: Any, rng: random.Random, n_qa: int) -> tuple[tuple[str, str], list[tuple[str, str]]]:
@@ -225,10 +304,29 @@ def sentence_mean(per_token: torch.Tensor, targets: torch.Tensor, sentence_ends:
     return (sums[present] / counts[present]).mean()
 
 
+def text_rope_positions(input_ids: torch.Tensor, image_id: int, shift: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (B, T): 0..T-1, plus shift[b] for every token after row b's last image token.
+
+    Why: with RoPE an attention head that reads the visual tokens learns it at the relative distances
+    it was trained on. QA answers sit 15-80 positions after the visual tokens, the findings in a report
+    80-330; measured on the interim teacher, moving a question 40 positions further from the image
+    dropped its cardiomegaly yes/no AUC from 1.00 to 0.05 (edgevlm/assets/demo-teacher.json, history),
+    which is why its reports ignored the image while its answers did not. Training QAs at
+    random distances teaches reading the image from anywhere in a report; the text keeps its own
+    relative positions, and inference is unchanged (plain 0..T-1 positions).
+    """
+    t = input_ids.shape[1]
+    idx = torch.arange(t, device=input_ids.device)
+    is_image = input_ids == image_id
+    last_image = torch.where(is_image, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)  # (B, 1)
+    return idx[None] + shift[:, None].to(idx) * (idx[None] > last_image)
+
+
 def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
             qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int,
             aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None,
-            sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
+            sentence_ends: torch.Tensor | None = None, qa_shift: torch.Tensor | None = None,
+            lesion_aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Half report loss (mean over report tokens, or over sentences with `sentence_ends`), half QA loss
     (mean over questions of each answer's mean token loss); the visual tokens are computed once per study.
 
@@ -244,12 +342,19 @@ def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, t
     the image ("The heart is enlarged.") is a few tokens among ~150 of boilerplate; measured, a
     token-mean report loss left reports blind to findings the same model answered questions about
     perfectly (cardiomegaly yes/no AUC 1.00, finding F1 in reports 0.0).
+    `qa_shift` (training only, (B_qa,) ints): rotary offsets of the QA text (`text_rope_positions`).
+    `lesion_aux` (training only): (LesionHeads, per-patch targets (B, N, len(LESION_TYPES)), weight) adds
+    the lesion loss on the ViT patch tokens and, for spp projectors, on the pooled visual tokens: a
+    nodule is a few voxels of one patch, and a study-level label alone left focal findings at chance
+    (finding-head AUC ~0.55 for mass and nodule at step 2200).
     """
     tokens = model.vision.patch_tokens(volumes)  # (B, N, vision_dim)
     visual = model.projector(tokens)  # (B, M, dim): what encode_image returns
 
-    def token_losses(input_ids: torch.Tensor, labels: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
-        logits = model.decoder(model.embed(input_ids, vis, image_id))
+    def token_losses(input_ids: torch.Tensor, labels: torch.Tensor, vis: torch.Tensor,
+                     shift: torch.Tensor | None = None) -> torch.Tensor:
+        rope_pos = None if shift is None else text_rope_positions(input_ids, image_id, shift)
+        logits = model.decoder(model.embed(input_ids, vis, image_id), rope_pos=rope_pos)
         # position t predicts token t + 1; (N, T-1) losses, 0 where ignored
         return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
                                reduction="none")
@@ -263,12 +368,18 @@ def loss_on(model: MedVLM, volumes: torch.Tensor, reports: tuple[torch.Tensor, t
     qa_ids, qa_labels, owner = qas
     loss = report_loss
     if qa_ids.shape[0] > 0:
-        per_token = token_losses(qa_ids, qa_labels, visual[owner])
+        per_token = token_losses(qa_ids, qa_labels, visual[owner], qa_shift)
         per_answer = per_token.sum(1) / (qa_labels[:, 1:] != -100).sum(1).clamp(min=1)
         loss = 0.5 * report_loss + 0.5 * per_answer.mean()
     if aux is not None:
         head, targets, weight = aux
         loss = loss + weight * F.binary_cross_entropy_with_logits(head(visual).float(), targets)
+    if lesion_aux is not None:
+        heads, targets, weight = lesion_aux
+        loss = loss + weight * lesion_loss(heads.patch, tokens, targets)
+        if model.cfg.projector.kind == "spp":
+            cells = cell_targets(targets, model.cfg.vision.grid, model.cfg.projector.pool)
+            loss = loss + weight * lesion_loss(heads.cell, visual, cells)
     return loss
 
 
@@ -405,6 +516,35 @@ def render_training_set(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path
     return volumes, specs
 
 
+def lesion_training_targets(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path, volumes: list[torch.Tensor],
+                            specs: list[Any], log: Callable[[str], None],
+                            progress: Callable[[int, int, dict], None] | None) -> torch.Tensor:
+    """(n_train_studies, num_patches, len(LESION_TYPES)) uint8 lesion targets, cached beside the volumes."""
+    cache = out_dir / f"lesions-{cfg.n_train_studies}.npy"
+    if cache.exists():
+        log(f"loaded cached lesion targets from {cache}")
+        return torch.from_numpy(np.load(cache))
+    log(f"rendering lesion targets for {len(specs)} training studies")
+    t0 = time.perf_counter()
+    out = []
+    workers = max(1, min(cfg.render_workers, os.cpu_count() or 1))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        jobs = ((spec, vol.numpy(), model_cfg) for spec, vol in zip(specs, volumes, strict=True))
+        for target in pool.imap(_lesion_worker, jobs, chunksize=8):
+            out.append(target)
+            if progress:
+                progress(len(out), len(specs), {"phase": "lesions"})
+    log(f"lesion targets in {time.perf_counter() - t0:.0f} s")
+    array = np.stack(out)
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(cache, save)
+    return torch.from_numpy(array)
+
+
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms, biases or position tables)."""
     decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
@@ -428,10 +568,12 @@ def heldout_seeds(cfg: TrainConfig) -> range:
     return range(HELDOUT_SEED_START, HELDOUT_SEED_START + max(cfg.eval_studies, 1))
 
 
-def finding_auc(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """ROC AUC per finding label (rank statistic; labels without both classes are left out)."""
+def finding_auc(scores: torch.Tensor, targets: torch.Tensor,
+                labels: tuple[str, ...] | None = None) -> dict[str, float]:
+    """ROC AUC per label (rank statistic; labels without both classes are left out). Columns are
+    `finding_labels()` unless `labels` names them."""
     out = {}
-    for j, label in enumerate(finding_labels()):
+    for j, label in enumerate(labels or finding_labels()):
         y = targets[:, j].bool()
         n_pos, n_neg = int(y.sum()), int((~y).sum())
         if n_pos and n_neg:
@@ -481,12 +623,27 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     sentence_ends = sentence_end_table(tokenizer) if cfg.report_loss == "sentence" else None
 
     volumes, specs = render_training_set(cfg, model_cfg, out_dir, log, progress)
+    lesions = (lesion_training_targets(cfg, model_cfg, out_dir, volumes, specs, log, progress)
+               if cfg.lesion_weight > 0 else None)
     model = MedVLM(model_cfg)
     prepare_for_training(model, mean_volume_of(volumes) if cfg.center_input else None)
     model.to(device)
     aux_head = FindingHead(model_cfg.num_visual_tokens, model_cfg.decoder.dim, len(finding_labels())).to(device)
+    lesion_head = LesionHeads(model_cfg.vision.dim, model_cfg.decoder.dim, len(LESION_TYPES)).to(device)
     optimizer = make_optimizer([*model.named_parameters(), *(("aux." + n, p) for n, p in aux_head.named_parameters())],
                                cfg.lr, cfg.weight_decay)
+
+    # The lesion heads get their own param groups, appended after the model's, so runs started
+    # before a head existed resume (their optimizer state holds fewer groups).
+    base_groups = len(optimizer.param_groups)
+    lesion_groups = [list(lesion_head.patch.parameters()), list(lesion_head.cell.parameters())]
+    if lesions is None:
+        lesion_groups = []
+
+    def add_lesion_groups(upto: int) -> None:
+        for params in lesion_groups[len(optimizer.param_groups) - base_groups : upto]:
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+
     start_step, history = 0, []
     last = out_dir / "last.pt"
     if resume and last.exists():
@@ -494,14 +651,26 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         model.load_state_dict(state["model"])
         if "aux_head" in state:
             aux_head.load_state_dict(state["aux_head"])
+        if "lesion_head" in state:
+            lesion_head.load_state_dict(state["lesion_head"])
+        saved_groups = len(state["optimizer"]["param_groups"]) - base_groups
+        if saved_groups > len(lesion_groups):
+            raise ValueError(f"{last} was trained with lesion heads: resume it with --lesion-weight > 0")
+        add_lesion_groups(saved_groups)
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = int(state["step"]), json.loads(state["history"])
         log(f"resumed from {last} at step {start_step}")
+    add_lesion_groups(len(lesion_groups))
 
     heldout = heldout_batch(cfg, model_cfg, tokenizer, ids, device)
     from edgevlm.data import sample_study
 
     heldout_targets = torch.stack([finding_targets(sample_study(seed)) for seed in heldout_seeds(cfg)])
+    heldout_lesions = None
+    if lesions is not None:
+        heldout_lesions = torch.from_numpy(np.stack([
+            lesion_patch_targets(sample_study(seed), vol[0].cpu().numpy(), model_cfg)
+            for seed, vol in zip(heldout_seeds(cfg), heldout[0], strict=True)]))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     order_rng = random.Random(cfg.seed * 7919 + start_step)
     text_rng = random.Random(cfg.seed * 104729 + start_step)
@@ -518,7 +687,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
             if cfg.aux_weight > 0:
                 targets = torch.stack([finding_targets(specs[i]) for i in batch]).to(device)
                 aux = (aux_head, targets, cfg.aux_weight)
-            loss = loss_on(model, *args, aux=aux, sentence_ends=sentence_ends)
+            qa_shift = None
+            if cfg.qa_position_jitter > 0:
+                n_qa, width = args[2][0].shape
+                most = min(cfg.qa_position_jitter, model_cfg.decoder.max_seq_len - width)  # stay in the RoPE table
+                qa_shift = torch.tensor([text_rng.randint(0, most) for _ in range(n_qa)])
+            lesion_aux = None
+            if lesions is not None:
+                lesion_aux = (lesion_head, lesions[batch].float().to(device), cfg.lesion_weight)
+            loss = loss_on(model, *args, aux=aux, sentence_ends=sentence_ends, qa_shift=qa_shift,
+                           lesion_aux=lesion_aux)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -533,12 +711,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
                 if cfg.aux_weight > 0:
                     record["heldout_finding_auc"] = finding_auc(aux_head(model.encode_image(heldout[0])),
                                                                 heldout_targets)
+                if heldout_lesions is not None:  # per patch, over all held-out patches
+                    scores = lesion_head.patch(model.vision.patch_tokens(heldout[0]))
+                    record["heldout_lesion_patch_auc"] = finding_auc(
+                        scores.flatten(0, 1), heldout_lesions.flatten(0, 1).to(scores.device), LESION_TYPES)
             if evaluate is not None:
                 record["eval"] = evaluate(model, tokenizer, model_cfg)
             model.train()
             log(f"step {step + 1}: loss {record['loss']:.4f}, held-out loss {record['heldout_loss']:.4f}"
                 + (f", finding-head AUC {json.dumps(record['heldout_finding_auc'])}"
                    if "heldout_finding_auc" in record else "")
+                + (f", lesion patch AUC {json.dumps(record['heldout_lesion_patch_auc'])}"
+                   if "heldout_lesion_patch_auc" in record else "")
                 + (f", eval {json.dumps(record['eval'])}" if "eval" in record else ""))
         history.append(record)
         if (step + 1) % cfg.log_every == 0:
@@ -548,6 +732,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
             progress(step + 1, cfg.steps, record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             state = {"model": model.state_dict(), "aux_head": aux_head.state_dict(),
+                     "lesion_head": lesion_head.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step + 1,
                      "history": json.dumps(history)}
             atomic_write(last, lambda p, s=state: torch.save(s, p))

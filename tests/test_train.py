@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,80 @@ def test_sentence_mean_weights_each_sentence_equally():
     targets = torch.tensor([[0, 0, 2, 1, 3, -100], [1, 2, -100, -100, -100, -100]])
     losses = torch.tensor([[1.0, 2.0, 3.0, 10.0, 20.0, 99.0], [4.0, 6.0, 99.0, 99.0, 99.0, 99.0]])
     assert sentence_mean(losses, targets, ends).item() == pytest.approx((2.0 + 15.0 + 5.0) / 3)
+
+
+def test_text_rope_positions_move_only_the_text_after_the_image(tiny_model_json):
+    """QA position jitter: known positions, a pure relative shift for text, and a real effect on the model."""
+    from edgevlm.models import MedVLM
+    from edgevlm.train import text_rope_positions
+
+    image = 9
+    ids = torch.tensor([[1, 9, 9, 9, 5, 6, 7, 0], [1, 9, 9, 9, 5, 6, 0, 0]])
+    pos = text_rope_positions(ids, image, torch.tensor([10, 0]))
+    assert pos.tolist() == [[0, 1, 2, 3, 14, 15, 16, 17], [0, 1, 2, 3, 4, 5, 6, 7]]
+
+    cfg = MedVLMConfig.from_json(tiny_model_json.read_text())
+    torch.manual_seed(0)
+    decoder = MedVLM(cfg).double().decoder
+    embeds = torch.randn(1, 12, cfg.decoder.dim, dtype=torch.float64)
+    with torch.no_grad():
+        plain = decoder(embeds)
+        # no image token: every position moves by the same amount, and RoPE only sees differences
+        text_only = text_rope_positions(torch.full((1, 12), 5), image, torch.tensor([37]))
+        assert torch.allclose(decoder(embeds, rope_pos=text_only), plain, atol=1e-9)
+        # with image tokens the text moves away from them: the outputs after the image change
+        with_image = text_rope_positions(torch.tensor([[1, 9, 9, 9, *[5] * 8]]), image, torch.tensor([37]))
+        moved = decoder(embeds, rope_pos=with_image)
+    assert torch.allclose(moved[:, :4], plain[:, :4], atol=1e-12)
+    assert (moved[:, 4:] - plain[:, 4:]).abs().max() > 1e-6  # float64 noise is ~1e-15
+
+
+def test_lesion_targets_mark_the_patches_a_focal_finding_occupies():
+    """Per-patch lesion targets at the demo grid: rendered with and without each focal finding type."""
+    from edgevlm.data import sample_study
+    from edgevlm.models import PRESETS
+    from edgevlm.train import LESION_TYPES, lesion_patch_targets, render_spec
+
+    cfg = PRESETS["demo-tiny"]()
+    by_case = {}
+    for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + 200):
+        spec = sample_study(seed)
+        types = {f.type for f in spec.findings}
+        if not spec.findings and "normal" not in by_case:
+            by_case["normal"] = spec
+        if types & set(LESION_TYPES) == {"mass"} and "mass" not in by_case:
+            by_case["mass"] = spec
+        if len(by_case) == 2:
+            break
+    assert len(by_case) == 2
+    normal = by_case["normal"]
+    volume = render_spec(normal, cfg)
+    assert np.array_equal(volume, render_spec(normal, cfg))  # the method relies on a deterministic render
+    assert lesion_patch_targets(normal, volume, cfg).sum() == 0
+
+    spec = by_case["mass"]
+    targets = lesion_patch_targets(spec, render_spec(spec, cfg).astype(np.float16), cfg)
+    assert targets.shape == (cfg.vision.num_patches, len(LESION_TYPES))
+    mass = targets[:, LESION_TYPES.index("mass")]
+    # a mass of >= 3 cm spans a few 40 x 45 x 45 mm patches, never most of the chest
+    assert 1 <= mass.sum() <= 40, mass.sum()
+    assert targets.sum() == mass.sum()  # no other focal type is present
+
+
+def test_cell_targets_follow_the_spp_pooling_grid():
+    """A lesion in patch (d, h, w) marks visual token (d//pd, h//ph, w//pw) in raster order, as the spp
+    projector pools (avg_pool3d over the patch grid, flattened d', h', w')."""
+    from edgevlm.train import cell_targets
+
+    grid, pool = (4, 6, 8), (2, 3, 2)
+    cells_grid = (2, 2, 4)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        d, h, w = (int(rng.integers(g)) for g in grid)
+        t = int(rng.integers(3))
+        patches = torch.zeros(1, grid[0] * grid[1] * grid[2], 3)
+        patches[0, (d * grid[1] + h) * grid[2] + w, t] = 1.0
+        cells = cell_targets(patches, grid, pool)
+        assert cells.shape == (1, 16, 3) and cells.sum() == 1
+        cd, ch, cw = d // pool[0], h // pool[1], w // pool[2]
+        assert cells[0, (cd * cells_grid[1] + ch) * cells_grid[2] + cw, t] == 1

@@ -26,11 +26,16 @@ def train_cmd(
     batch_studies: int = typer.Option(8, "--batch-studies", help="Studies per step (each with report + QAs)."),
     qa_per_study: int = typer.Option(6, "--qa-per-study", help="Question-answer pairs per study and step."),
     aux_weight: float = typer.Option(1.0, "--aux-weight", help="Weight of the training-only finding head (0: off)."),
+    lesion_weight: float = typer.Option(1.0, "--lesion-weight",
+                                        help="Weight of the training-only lesion heads (0: off)."),
     center_input: bool = typer.Option(True, "--center-input/--no-center-input",
                                       help="Centre the vision input on the mean training volume, folded into "
                                            "the position table at save (see edgevlm.train.CenteredPatchInput)."),
     report_loss: str = typer.Option("sentence", "--report-loss",
                                     help="sentence: mean over report sentences; token: mean over tokens."),
+    qa_position_jitter: int = typer.Option(256, "--qa-position-jitter",
+                                           help="Train each QA 0..N rotary positions further from the image, so "
+                                                "the decoder reads it from anywhere in a report (0: off)."),
     n_train_studies: int = typer.Option(2400, "--train-studies", help="Distinct training studies (cached)."),
     lr: float = typer.Option(2e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -49,8 +54,9 @@ def train_cmd(
     from edgevlm.train import TrainConfig, train
 
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
-                      aux_weight=aux_weight, center_input=center_input, report_loss=report_loss,
-                      n_train_studies=n_train_studies,
+                      aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
+                      report_loss=report_loss,
+                      qa_position_jitter=qa_position_jitter, n_train_studies=n_train_studies,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
                       eval_studies=eval_studies)
     with _progress() as bar:

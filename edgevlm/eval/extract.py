@@ -94,8 +94,25 @@ class Mention:
     text: str  # the mention's own part of its sentence
 
 
+_SLOT_LINE = re.compile(r"(?m)^[ \t]*([a-z][a-z -]*?)[ \t]*:[ \t]*(\S[^\n]*?)[ \t]*\.?[ \t]*$")
+_SLOT_ABSENT = re.compile(r"(?:none|absent|not seen|negative|no)$")
+
+
+def _unslot(match: re.Match) -> str:
+    """A structured line "<finding type>: <value>" as prose: "pneumothorax: none" -> "no pneumothorax.",
+    "pulmonary nodules: 9 mm solid, left upper lobe; 6 mm ..." -> one sentence per ';' entry.
+    Section headings ("lungs and airways: ...") name no finding type and stay as they are."""
+    name, value = match.group(1), match.group(2)
+    if not any(p.search(name) for _, p in _TYPE_PATTERNS):
+        return match.group(0)
+    if _SLOT_ABSENT.fullmatch(value.strip()):
+        return f"no {name}."
+    return " ".join(f"{name} {entry.strip()}." for entry in value.split(";") if entry.strip())
+
+
 def _normalize(text: str) -> str:
     t = text.lower().replace("ground glass", "ground-glass").replace("×", " x ")
+    t = _SLOT_LINE.sub(_unslot, t)
     t = re.sub(r"(?m)^\s*\d+[.)]\s+", "", t)  # numbered impression items
     t = _PSEUDO_NEGATIONS.sub(" ", t)
     return re.sub(r"[ \t]+", " ", t)

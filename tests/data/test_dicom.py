@@ -107,7 +107,7 @@ def test_make_synthetic_layout(synthetic_set):
         assert len(list((d / "dicom").glob("*.dcm"))) == 3
         truth = json.loads((d / "ground_truth.json").read_text())
         assert truth["seed"] == e["seed"]
-        assert truth["report"].startswith("TECHNIQUE:") and "IMPRESSION:" in truth["report"]
+        assert truth["report"].startswith("IMPRESSION:") and "FINDINGS:" in truth["report"]
         assert truth["questions"] and all(q["kind"] in ("closed", "open") for q in truth["questions"])
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 

@@ -93,3 +93,23 @@ def test_impression_adds_only_what_findings_did_not_cover():
     got = extract_findings(report)
     # The nodule is not counted twice; the pneumothorax the FINDINGS denied stays denied.
     assert _keys(got) == _keys([F("nodule", lobe="RUL", size_mm=8, density="solid"), F("cardiomegaly")])
+
+
+def test_structured_impression_alone_round_trips():
+    """The structured IMPRESSION lines ("Pneumothorax: none.", "Pulmonary nodules: 9 mm solid, left upper
+    lobe; ...") carry every finding with its attributes on their own, so a report cut short after them
+    still scores what it says."""
+    from edgevlm.data.reports import impression_text
+
+    for seed in range(300):
+        spec = sample_study(seed)
+        assert _keys(extract_findings("IMPRESSION:\n" + impression_text(spec))) == _keys(spec.findings), seed
+
+
+def test_structured_lines_and_section_headings():
+    text = ("Pneumothorax: none.\nLung mass: 31 mm, right upper lobe.\nPleural effusion: small, bilateral.\n"
+            "Lungs and airways: No consolidation.\nCardiomegaly: absent.")
+    assert _keys(extract_findings(text)) == _keys([
+        F("mass", side="right", lobe="RUL", size_mm=31.0),
+        F("pleural_effusion", side="bilateral", severity="small"),
+    ])
