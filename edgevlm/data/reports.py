@@ -237,16 +237,18 @@ def impression_text(spec: StudySpec) -> str:
     lines = []
     for kind, name in _IMPRESSION_SLOTS:
         found = sorted((f for f in spec.findings if f.type == kind), key=lambda f: -(f.size_mm or 0))
-        entries = [_impression_entry(f) for f in found]
-        # Two lesions that read the same ("9 mm solid, right upper lobe") are written "9 and 9 mm ...":
-        # repeating the entry would read as the same lesion mentioned twice.
-        merged: list[str] = []
-        for e in entries:
-            if merged and merged[-1].endswith(e) and " mm" in e:
-                merged[-1] = e.replace(" mm", "", 1).split(" ", 1)[0] + " and " + merged[-1]
+        # Lesions that read the same ("9 mm solid, right upper lobe" twice) are written once with both
+        # sizes, "9 and 9 mm solid, ...": a repeated entry would read as one lesion mentioned twice.
+        entries: list[tuple[list[str], str]] = []  # (sizes in mm, the rest of the entry)
+        for f in found:
+            entry = _impression_entry(f)
+            size, rest = entry.split(" mm", 1) if f.size_mm is not None else ("", entry)
+            if size and entries and entries[-1] == ([size] * len(entries[-1][0]), rest):
+                entries[-1][0].append(size)
             else:
-                merged.append(e)
-        lines.append(f"{name}: {'; '.join(merged) if merged else 'none'}.")
+                entries.append(([size] if size else [], rest))
+        text = "; ".join(f"{' and '.join(sizes)} mm{rest}" if sizes else rest for sizes, rest in entries)
+        lines.append(f"{name}: {text or 'none'}.")
     return "\n".join(lines)
 
 

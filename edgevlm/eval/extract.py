@@ -95,7 +95,7 @@ class Mention:
 
 
 _SLOT_LINE = re.compile(r"(?m)^[ \t]*([a-z][a-z -]*?)[ \t]*:[ \t]*(\S[^\n]*?)[ \t]*\.?[ \t]*$")
-_SLOT_ABSENT = re.compile(r"(?:none|absent|not seen|negative|no)$")
+_SLOT_ABSENT = re.compile(r"(?:none|absent|not seen|not present|negative|no)\b")
 
 
 def _unslot(match: re.Match) -> str:
@@ -105,7 +105,7 @@ def _unslot(match: re.Match) -> str:
     name, value = match.group(1), match.group(2)
     if not any(p.search(name) for _, p in _TYPE_PATTERNS):
         return match.group(0)
-    if _SLOT_ABSENT.fullmatch(value.strip()):
+    if _SLOT_ABSENT.match(value.strip()):
         return f"no {name}."
     return " ".join(f"{name} {entry.strip()}." for entry in value.split(";") if entry.strip())
 

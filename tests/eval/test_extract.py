@@ -108,8 +108,11 @@ def test_structured_impression_alone_round_trips():
 
 def test_structured_lines_and_section_headings():
     text = ("Pneumothorax: none.\nLung mass: 31 mm, right upper lobe.\nPleural effusion: small, bilateral.\n"
-            "Lungs and airways: No consolidation.\nCardiomegaly: absent.")
+            "Lungs and airways: No consolidation.\nCardiomegaly: absent.\nEmphysema: none seen.\n"
+            "Pulmonary nodules: 19 mm solid, left lower lobe; 9 mm solid, left lower lobe.")
     assert _keys(extract_findings(text)) == _keys([
         F("mass", side="right", lobe="RUL", size_mm=31.0),
         F("pleural_effusion", side="bilateral", severity="small"),
+        F("nodule", side="left", lobe="LLL", size_mm=19.0, density="solid"),
+        F("nodule", side="left", lobe="LLL", size_mm=9.0, density="solid"),
     ])
