@@ -508,12 +508,17 @@ def render_training_set(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path
             if progress:
                 progress(len(specs), cfg.n_train_studies, {"phase": "render"})
     log(f"rendered in {time.perf_counter() - t0:.0f} s")
-    def save(path: Path) -> None:
-        with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
-            np.save(f, torch.stack(volumes).numpy())
-
-    atomic_write(cache, save)
+    save_npy(cache, torch.stack(volumes).numpy())
     return volumes, specs
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically (a file object: np.save would append ".npy" to the temp name)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 def lesion_training_targets(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: Path, volumes: list[torch.Tensor],
@@ -536,12 +541,7 @@ def lesion_training_targets(cfg: TrainConfig, model_cfg: MedVLMConfig, out_dir: 
                 progress(len(out), len(specs), {"phase": "lesions"})
     log(f"lesion targets in {time.perf_counter() - t0:.0f} s")
     array = np.stack(out)
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(cache, save)
+    save_npy(cache, array)
     return torch.from_numpy(array)
 
 

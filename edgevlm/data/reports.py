@@ -243,7 +243,7 @@ def impression_text(spec: StudySpec) -> str:
         for f in found:
             entry = _impression_entry(f)
             size, rest = entry.split(" mm", 1) if f.size_mm is not None else ("", entry)
-            if size and entries and entries[-1] == ([size] * len(entries[-1][0]), rest):
+            if size and entries and entries[-1][1] == rest and entries[-1][0][-1:] == [size]:
                 entries[-1][0].append(size)
             else:
                 entries.append(([size] if size else [], rest))
