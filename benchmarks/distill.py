@@ -75,20 +75,23 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def write_asset_record(path: Path, student: Path, extra: dict, result: dict) -> None:
-    """The shipped student's provenance: how it was made (command, seed, config) and what it scores."""
+def write_asset_record(path: Path, student: Path, extra: dict, result: dict, stages: list[str]) -> None:
+    """The shipped student's provenance: how it was made (command, seed, config) and what it scores.
+    `stages`: every command of a run resumed in stages, in order (the checkpoint holds only the last)."""
     from edgevlm.checkpoint import file_sha256
 
     run = extra.get("distillation", {})
     record = {
         "file": student.name, "sha256": file_sha256(student), "size_bytes": student.stat().st_size,
-        "command": run.get("command"), "seed": run.get("config", {}).get("seed"), "config": run.get("config"),
+        "command": run.get("command"), "stages": stages or [run.get("command")],
+        "seed": run.get("config", {}).get("seed"), "config": run.get("config"),
         "teacher": run.get("teacher"), "init": {k: v for k, v in run.get("init", {}).items() if k != "skipped"},
         "final_losses": run.get("final"),
         "eval": {"heldout_studies": result["method"]["accuracy_studies"], "student": result["student"]["accuracy"],
                  "teacher": result["teacher"]["accuracy"], "retained": result["retained"]},
         "speed": {"speedup": result["speedup"], "student": result["student"]["speed"],
                   "teacher": result["teacher"]["speed"], "method": result["method"]},
+        "passed": result["passed"],
         "benchmark": "benchmarks/distill.py -> benchmarks/results/distill.json",
     }
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill.json")
     parser.add_argument("--asset-json", type=Path, default=None,
                         help="also write the shipped student's record here (command, seed, eval summary)")
+    parser.add_argument("--stage-command", action="append", default=[],
+                        help="a command of a staged (resumed) distillation, in order; repeat per stage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -162,7 +167,7 @@ def main() -> None:
               f"F1 {a['finding_micro_f1']:.3f}  closed {a['closed_accuracy']}")
     print(f"wrote {args.out}")
     if args.asset_json is not None:
-        write_asset_record(args.asset_json, args.student, models["student"].extra, result)
+        write_asset_record(args.asset_json, args.student, models["student"].extra, result, args.stage_command)
         print(f"wrote {args.asset_json}")
     print(json.dumps({"retained": retained, "speedup": speedup, "passed": passed}))
 

@@ -2,9 +2,11 @@
 plus an honest failure case (int8 calibrated on air-only volumes) and the lm_head sensitivity.
 
     nice -n 19 python benchmarks/quantize_demo.py [--gate-studies 50] [--calib 32] [--out runs/quantize-demo]
+    nice -n 19 python benchmarks/quantize_demo.py --model edgevlm/assets/demo-small.safetensors \
+        --words fp32,int8,int4 --gates-only --json benchmarks/results/quantize-demo-small.json
 
-Needs edgevlm/assets/demo-teacher.safetensors (refuses to run on anything else: a random model has no
-accuracy to keep). Every bundle is exported with `--allow-degradation` so a miss is recorded, not hidden;
+Runs on a shipped demo checkpoint (the teacher by default, or the distilled student; a random model has
+no accuracy to keep). Every bundle is exported with `--allow-degradation` so a miss is recorded, not hidden;
 the JSON says per word whether the gate passed. Calibration: synthetic seeds 2,000,000..; gate studies:
 held-out seeds 1,000,000.. (the `edgevlm eval` range), the same studies for every word.
 Bundles go under runs/ (git-ignored); numbers to benchmarks/results/quantize-demo.json.
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSET = ROOT / "edgevlm" / "assets" / "demo-teacher.safetensors"
+ASSETS = ROOT / "edgevlm" / "assets"
 RESULTS = Path(__file__).parent / "results" / "quantize-demo.json"
 
 
@@ -40,8 +42,29 @@ def summary(bundle: Path) -> dict:
     return out
 
 
-def main() -> None:
+def extra_cases(asset: Path, out: Path, qcfg, results: dict) -> None:
+    """The failure case (int8 calibrated on air-only volumes: what a folder of blank series would give)
+    and the other calibration methods."""
+    import numpy as np
     from edgevlm.calibration import CalibrationSet, array_sha256
+    from edgevlm.export import export_bundle
+
+    from edgevlm.checkpoint import load_checkpoint
+
+    grid = tuple(load_checkpoint(asset).config.vision.image_size)
+    air = np.zeros((4, 1, *grid), np.float32)
+    broken = CalibrationSet(air, "4 air-only volumes (deliberately broken)", "demo-chest",
+                            [array_sha256(v[0]) for v in air])
+    bundle = export_bundle(asset, out / "int8-broken-calib", precision="int8", overwrite=True, quant=qcfg,
+                           calibration=broken, on_step=lambda msg: print(f"[broken] {msg}", flush=True))
+    results["int8 (air-only calibration)"] = summary(bundle)
+    for method in ("percentile", "entropy"):
+        bundle = export_bundle(asset, out / f"int8-{method}", precision="int8", overwrite=True,
+                               quant=dataclasses.replace(qcfg, calib_method=method))
+        results[f"int8 ({method} calibration)"] = summary(bundle)
+
+
+def main() -> None:
     from edgevlm.export import export_bundle
     from edgevlm.export.quantize import QuantConfig
 
@@ -50,9 +73,14 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "runs" / "quantize-demo"))
     p.add_argument("--words", default="fp32,int8,int4,auto")
+    p.add_argument("--model", type=Path, default=ASSETS / "demo-teacher.safetensors")
+    p.add_argument("--gates-only", action="store_true",
+                   help="skip the air-only calibration case and the percentile/entropy calibrations")
+    p.add_argument("--json", type=Path, default=RESULTS)
     args = p.parse_args()
-    if not ASSET.exists():
-        raise SystemExit(f"{ASSET} is not there yet (the demo teacher is still training)")
+    asset = args.model.resolve()
+    if asset.parent != ASSETS or not asset.exists():
+        raise SystemExit(f"{args.model}: not a shipped demo checkpoint in {ASSETS}")
     out = Path(args.out)
     qcfg = QuantConfig(calib=f"synthetic:{args.calib}", gate_studies=f"synthetic:{args.gate_studies}",
                        allow_degradation=True)
@@ -60,31 +88,17 @@ def main() -> None:
     timings: dict = {}
     for word in args.words.split(","):
         t0 = time.perf_counter()
-        bundle = export_bundle(ASSET, out / word, precision=word, overwrite=True, quant=qcfg,
+        bundle = export_bundle(asset, out / word, precision=word, overwrite=True, quant=qcfg,
                                on_step=lambda msg, w=word: print(f"[{w}] {msg}", flush=True))
         timings[word] = time.perf_counter() - t0
         results[word] = summary(bundle)
-    # The failure case: int8 calibrated on air-only volumes (what a folder of blank series would give).
-    import numpy as np
-
-    from edgevlm.checkpoint import load_checkpoint
-
-    grid = tuple(load_checkpoint(ASSET).config.vision.image_size)
-    air = np.zeros((4, 1, *grid), np.float32)
-    broken = CalibrationSet(air, "4 air-only volumes (deliberately broken)", "demo-chest",
-                            [array_sha256(v[0]) for v in air])
-    bundle = export_bundle(ASSET, out / "int8-broken-calib", precision="int8", overwrite=True, quant=qcfg,
-                           calibration=broken, on_step=lambda msg: print(f"[broken] {msg}", flush=True))
-    results["int8 (air-only calibration)"] = summary(bundle)
-    for method in ("percentile", "entropy"):
-        bundle = export_bundle(ASSET, out / f"int8-{method}", precision="int8", overwrite=True,
-                               quant=dataclasses.replace(qcfg, calib_method=method))
-        results[f"int8 ({method} calibration)"] = summary(bundle)
+    if not args.gates_only:
+        extra_cases(asset, out, qcfg, results)
     record = {"benchmark": "quantize-demo", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "model": ASSET.name, "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",
+              "model": asset.name, "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",
               "calibration": f"synthetic:{args.calib} (seeds 2000000..)", "config": qcfg.to_dict(),
               "export_seconds": timings, "results": results}
-    RESULTS.write_text(json.dumps(record, indent=2))
+    args.json.write_text(json.dumps(record, indent=2))
     print(f"{'bundle':<30}{'MB':>8}{'passed':>8}{'cos min':>9}{'KL':>8}{'top1':>7}{'F1 q/fp32':>16}")
     for name, r in results.items():
         t = r.get("task") or {}

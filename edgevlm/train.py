@@ -254,23 +254,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def answer_outputs(model: MedVLM, visual: torch.Tensor, reports: tuple[torch.Tensor, torch.Tensor],
-                   qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   qas: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_id: int,
+                   qa_shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (K, vocab), final hidden states (K, dim), target ids (K,)) at the K answer positions.
 
     Position t predicts token t + 1; only answer + EOS tokens (labels != -100) count. Reports and the
     (short) QA sequences are separate batches so QAs are not padded to report length. `qas` is
     (input ids, labels, owner) with owner[i] the study index of QA row i; `visual` (B, M, dim) is
-    computed once per study. Shared by training (cross-entropy) and distillation (KL, feature matching).
+    computed once per study; `qa_shift` moves the QA text's rotary positions (`text_rope_positions`).
+    Used by distillation (KL, feature matching); positions come out in `answer_weights`' order.
     """
     hidden: list[torch.Tensor] = []  # lm_head's input: the final normed hidden states (B, T, dim)
     hook = model.decoder.lm_head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     logits_k, hidden_k, targets_k = [], [], []
     try:
-        for input_ids, labels, vis in ((*reports, visual), (qas[0], qas[1], visual[qas[2]])):
+        for input_ids, labels, vis, shift in ((*reports, visual, None), (qas[0], qas[1], visual[qas[2]], qa_shift)):
             if input_ids.shape[0] == 0:
                 continue
-            logits = model.decoder(model.embed(input_ids, vis, image_id))
+            rope_pos = None if shift is None else text_rope_positions(input_ids, image_id, shift)
+            logits = model.decoder(model.embed(input_ids, vis, image_id), rope_pos=rope_pos)
             answer = labels[:, 1:] != -100  # (B, T-1)
             logits_k.append(logits[:, :-1][answer])
             hidden_k.append(hidden[-1][:, :-1][answer])
@@ -281,6 +283,36 @@ def answer_outputs(model: MedVLM, visual: torch.Tensor, reports: tuple[torch.Ten
         vocab, dim = model.cfg.decoder.vocab_size, model.cfg.decoder.dim
         return visual.new_zeros(0, vocab), visual.new_zeros(0, dim), visual.new_zeros(0, dtype=torch.long)
     return torch.cat(logits_k), torch.cat(hidden_k), torch.cat(targets_k)
+
+
+def answer_weights(report_labels: torch.Tensor, qa_labels: torch.Tensor,
+                   sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) weights summing to 1 over `answer_outputs`' K positions: `loss_on`'s weighting as weights.
+
+    Half the mass to the reports, half to the QAs (all of it to whichever is present alone). Report
+    positions share their half per token, or with `sentence_ends` equally per sentence and within a
+    sentence per token; each QA answer gets an equal share, split over its tokens. Why: the same
+    reason as in `loss_on`; the few image-dependent report tokens must not drown in boilerplate.
+    """
+    parts = []
+    for labels, per in ((report_labels, "sentence" if sentence_ends is not None else "token"), (qa_labels, "row")):
+        targets = labels[:, 1:]
+        valid = targets != -100
+        if not valid.any():
+            parts.append(torch.zeros(0, device=labels.device))
+            continue
+        if per == "token":
+            group = torch.zeros_like(targets)
+        elif per == "row":
+            group = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+        else:
+            ends = sentence_ends.to(targets.device)[targets.clamp(min=0)] & valid
+            sentence = torch.cumsum(ends.long(), 1) - ends.long()  # the closing token belongs to its sentence
+            group = torch.arange(targets.shape[0], device=targets.device)[:, None] * (targets.shape[1] + 1) + sentence
+        _, key, counts = torch.unique(group[valid], return_inverse=True, return_counts=True)
+        parts.append(1.0 / (counts[key].float() * len(counts)))
+    present = [p for p in parts if p.numel()]
+    return torch.cat([p / len(present) for p in parts]) if present else torch.zeros(0)
 
 
 def sentence_end_table(tokenizer: Any) -> torch.Tensor:

@@ -101,6 +101,38 @@ def test_sentence_mean_weights_each_sentence_equally():
     assert sentence_mean(losses, targets, ends).item() == pytest.approx((2.0 + 15.0 + 5.0) / 3)
 
 
+def test_answer_weights_reproduce_the_training_loss_weighting():
+    """Distillation weights positions as loss_on does: half reports (by sentence), half QAs (by answer)."""
+    from edgevlm.train import answer_weights, sentence_mean
+
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.zeros(16, dtype=torch.bool)
+    ends[[3, 7]] = True
+    report_targets = torch.randint(0, 16, (3, 12), generator=gen)
+    report_targets[0, 9:] = -100
+    report_targets[2, :4] = -100  # prompt positions
+    qa_targets = torch.full((4, 6), -100)
+    for row, n in enumerate((1, 2, 3, 5)):
+        qa_targets[row, 6 - n:] = torch.randint(0, 16, (n,), generator=gen)
+    report_loss = torch.rand(report_targets.shape, generator=gen, dtype=torch.float64)
+    qa_loss = torch.rand(qa_targets.shape, generator=gen, dtype=torch.float64)
+
+    def labels(targets):  # answer_weights reads labels[:, 1:], as answer_outputs does
+        return torch.cat([torch.full((targets.shape[0], 1), -100), targets], 1)
+
+    weights = answer_weights(labels(report_targets), labels(qa_targets), ends).double()
+    flat = torch.cat([report_loss[report_targets != -100], qa_loss[qa_targets != -100]])
+    per_answer = (qa_loss * (qa_targets != -100)).sum(1) / (qa_targets != -100).sum(1)
+    expected = 0.5 * sentence_mean(report_loss, report_targets, ends) + 0.5 * per_answer.mean()
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert (weights * flat).sum().item() == pytest.approx(expected.item(), rel=1e-6)  # float32 weights
+    # Without a sentence table the report half is a plain token mean; with no QAs it takes all the mass.
+    empty = labels(torch.full((0, 6), -100))
+    weights = answer_weights(labels(report_targets), empty).double()
+    assert (weights * report_loss[report_targets != -100]).sum().item() == pytest.approx(
+        report_loss[report_targets != -100].mean().item(), rel=1e-6)  # float32 weights
+
+
 def test_text_rope_positions_move_only_the_text_after_the_image(tiny_model_json):
     """QA position jitter: known positions, a pure relative shift for text, and a real effect on the model."""
     from edgevlm.models import MedVLM

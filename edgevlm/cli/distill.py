@@ -27,6 +27,10 @@ def distill_cmd(
     w_seq: float | None = typer.Option(None, "--w-seq", help="Weight of CE on teacher-generated text (unlabeled)."),
     w_vision: float | None = typer.Option(None, "--w-vision", help="Weight of ViT token feature matching."),
     w_hidden: float | None = typer.Option(None, "--w-hidden", help="Weight of decoder hidden-state matching."),
+    report_loss: str | None = typer.Option(None, "--report-loss",
+                                           help="sentence (default): report positions weighted per sentence; token."),
+    qa_position_jitter: int | None = typer.Option(None, "--qa-position-jitter",
+                                                  help="QA text moved 0..N rotary positions (default 256)."),
     no_init: bool = typer.Option(False, "--no-init", help="Start the student from random weights."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (bf16 autocast on cuda)."),
@@ -39,7 +43,7 @@ def distill_cmd(
     """Distill a trained teacher into a smaller, faster student on the teacher's tokenizer.
 
     Example: edgevlm distill --teacher edgevlm/assets/demo-teacher.safetensors --student demo-small
-    --data synthetic:800 -o runs/demo-small --steps 1200
+    --data synthetic:1600 -o runs/demo-small --steps 4000 (the shipped student's stages: edgevlm/assets/demo-small.json)
     """
     from edgevlm.cli.train import _progress, periodic_eval, progress_callback
     from edgevlm.distill import DistillConfig, distill
@@ -52,7 +56,8 @@ def distill_cmd(
         raise EdgeVLMError(f"not a valid DistillConfig JSON: {e}", config) from None
     options = {"steps": steps, "batch_studies": batch_studies, "lr": lr, "temperature": temperature, "w_kl": w_kl,
                "w_ce": w_ce, "w_seq": w_seq, "w_vision": w_vision, "w_hidden": w_hidden, "seed": seed,
-               "device": device, "threads": threads, "eval_every": eval_every}
+               "device": device, "threads": threads, "eval_every": eval_every, "report_loss": report_loss,
+               "qa_position_jitter": qa_position_jitter}
     cfg = dataclasses.replace(cfg, teacher=str(teacher), student=student, data=data,
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:

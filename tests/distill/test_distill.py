@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgevlm.checkpoint import load_checkpoint
-from edgevlm.distill import DistillConfig, distill, init_from_teacher, layer_map
+from edgevlm.distill import DistillConfig, distill, init_from_teacher, layer_map, teacher_key
 from edgevlm.errors import EdgeVLMError
 from edgevlm.eval.runner import model_predictor
 from edgevlm.models import PRESETS, DecoderConfig, MedVLM, MedVLMConfig, ProjectorConfig, PromptConfig, VisionConfig
@@ -145,11 +145,20 @@ def test_config_json_round_trip_and_errors(tmp_path, teacher_path):
                 log=lambda _: None)
 
 
-def test_demo_small_preset_is_small_and_has_32_visual_tokens():
+def test_demo_small_preset_is_small_and_starts_whole_from_the_teacher():
     cfg = PRESETS["demo-small"]()
     teacher = PRESETS["demo-tiny"]()
-    assert cfg.num_visual_tokens == 32 and teacher.num_visual_tokens == 64
     assert cfg.vision.attention == "sparse3d" and cfg.vision.image_size == teacher.vision.image_size
+    assert cfg.vision.depth < teacher.vision.depth and cfg.decoder.n_layers < teacher.decoder.n_layers
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in MedVLM(cfg).parameters())
+        student = MedVLM(cfg)
+        n_params = sum(p.numel() for p in student.parameters())
+        teacher_model = MedVLM(teacher)
     assert n_params * 2 <= 10e6  # fp16 bytes
+    # Every student tensor has a same-shaped teacher tensor under the layer map, so nothing starts fresh.
+    vision_map = layer_map(cfg.vision.depth, teacher.vision.depth)
+    decoder_map = layer_map(cfg.decoder.n_layers, teacher.decoder.n_layers)
+    source = teacher_model.state_dict()
+    for name, tensor in student.state_dict().items():
+        key = teacher_key(name, vision_map, decoder_map)
+        assert key in source and source[key].shape == tensor.shape, name
