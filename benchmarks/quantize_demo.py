@@ -9,7 +9,7 @@ Runs on a shipped demo checkpoint (the teacher by default, or the distilled stud
 no accuracy to keep). Every bundle is exported with `--allow-degradation` so a miss is recorded, not hidden;
 the JSON says per word whether the gate passed. Calibration: synthetic seeds 2,000,000..; gate studies:
 held-out seeds 1,000,000.. (the `edgevlm eval` range), the same studies for every word.
-Bundles go under runs/ (git-ignored); numbers to benchmarks/results/quantize-demo.json.
+Bundles go under runs/ (git-ignored); numbers to benchmarks/results/quantize-demo.json (or --json).
 """
 
 from __future__ import annotations
