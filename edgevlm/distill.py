@@ -61,6 +61,7 @@ from edgevlm.train import (
     make_batch,
     make_optimizer,
     model_recipe,
+    qa_position_shifts,
     render_study,
     sentence_end_table,
     study_texts,
@@ -501,12 +502,10 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
     max_seq = min(student_cfg.decoder.max_seq_len, teacher_cfg.decoder.max_seq_len)
 
     def qa_shift_for(args: tuple) -> torch.Tensor | None:
-        """Random rotary offsets of each QA row's text, bounded so both models stay in their RoPE tables."""
+        """The same QA offsets for student and teacher, inside both models' RoPE tables."""
         (_, _, (s_qa, _, _), _), (_, (t_qa, _, _), _) = args[0], args[1]
-        if cfg.qa_position_jitter <= 0 or s_qa.shape[0] == 0:
-            return None
-        most = max(0, min(cfg.qa_position_jitter, max_seq - max(s_qa.shape[1], t_qa.shape[1])))
-        return torch.tensor([text_rng.randint(0, most) for _ in range(s_qa.shape[0])], device=device)
+        return qa_position_shifts(text_rng, s_qa.shape[0], max(s_qa.shape[1], t_qa.shape[1]), max_seq,
+                                  cfg.qa_position_jitter)
 
     student.train()
     t_step = time.perf_counter()

@@ -306,9 +306,7 @@ def answer_weights(report_labels: torch.Tensor, qa_labels: torch.Tensor,
         elif per == "row":
             group = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
         else:
-            ends = sentence_ends.to(targets.device)[targets.clamp(min=0)] & valid
-            sentence = torch.cumsum(ends.long(), 1) - ends.long()  # the closing token belongs to its sentence
-            group = torch.arange(targets.shape[0], device=targets.device)[:, None] * (targets.shape[1] + 1) + sentence
+            group = sentence_keys(targets, sentence_ends)
         _, key, counts = torch.unique(group[valid], return_inverse=True, return_counts=True)
         parts.append(1.0 / (counts[key].float() * len(counts)))
     present = [p for p in parts if p.numel()]
@@ -322,18 +320,34 @@ def sentence_end_table(tokenizer: Any) -> torch.Tensor:
                          for i in range(vocab)])
 
 
+def sentence_keys(targets: torch.Tensor, sentence_ends: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids in 0..B*(T+1)-1, one per sentence of each row; targets -100 where ignored, a sentence
+    runs up to and including a token of `sentence_ends`."""
+    ends = sentence_ends.to(targets.device)[targets.clamp(min=0)] & (targets != -100)
+    sentence = torch.cumsum(ends.long(), 1) - ends.long()  # the closing token belongs to its sentence
+    return torch.arange(targets.shape[0], device=targets.device)[:, None] * (targets.shape[1] + 1) + sentence
+
+
 def sentence_mean(per_token: torch.Tensor, targets: torch.Tensor, sentence_ends: torch.Tensor) -> torch.Tensor:
     """Mean over sentences of each sentence's mean token loss. `per_token` and `targets` are (B, T)
-    (targets -100 where ignored); a sentence runs up to and including a token of `sentence_ends`."""
+    (targets -100 where ignored); sentences as in `sentence_keys`."""
     valid = targets != -100
-    ends = sentence_ends.to(targets.device)[targets.clamp(min=0)] & valid
-    sentence = torch.cumsum(ends.long(), 1) - ends.long()  # the closing token belongs to its sentence
     width = targets.shape[1] + 1
-    key = (torch.arange(targets.shape[0], device=targets.device)[:, None] * width + sentence)[valid]
+    key = sentence_keys(targets, sentence_ends)[valid]
     sums = per_token.new_zeros(targets.shape[0] * width).index_add_(0, key, per_token[valid])
     counts = per_token.new_zeros(targets.shape[0] * width).index_add_(0, key, torch.ones_like(per_token[valid]))
     present = counts > 0
     return (sums[present] / counts[present]).mean()
+
+
+def qa_position_shifts(rng: random.Random, n_rows: int, width: int, max_seq_len: int,
+                       jitter: int) -> torch.Tensor | None:
+    """Random rotary offsets 0..jitter for n_rows QA rows of `width` tokens (`text_rope_positions`),
+    bounded so the shifted text stays inside the RoPE table; None when off or there are no rows."""
+    if jitter <= 0 or n_rows == 0:
+        return None
+    most = max(0, min(jitter, max_seq_len - width))
+    return torch.tensor([rng.randint(0, most) for _ in range(n_rows)])
 
 
 def text_rope_positions(input_ids: torch.Tensor, image_id: int, shift: torch.Tensor) -> torch.Tensor:
@@ -668,9 +682,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     # The lesion heads get their own param groups, appended after the model's, so runs started
     # before a head existed resume (their optimizer state holds fewer groups).
     base_groups = len(optimizer.param_groups)
-    lesion_groups = [list(lesion_head.patch.parameters()), list(lesion_head.cell.parameters())]
-    if lesions is None:
-        lesion_groups = []
+    lesion_groups = ([] if lesions is None
+                     else [list(lesion_head.patch.parameters()), list(lesion_head.cell.parameters())])
 
     def add_lesion_groups(upto: int) -> None:
         for params in lesion_groups[len(optimizer.param_groups) - base_groups : upto]:
@@ -719,11 +732,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
             if cfg.aux_weight > 0:
                 targets = torch.stack([finding_targets(specs[i]) for i in batch]).to(device)
                 aux = (aux_head, targets, cfg.aux_weight)
-            qa_shift = None
-            if cfg.qa_position_jitter > 0:
-                n_qa, width = args[2][0].shape
-                most = min(cfg.qa_position_jitter, model_cfg.decoder.max_seq_len - width)  # stay in the RoPE table
-                qa_shift = torch.tensor([text_rng.randint(0, most) for _ in range(n_qa)])
+            qa_shift = qa_position_shifts(text_rng, *args[2][0].shape, model_cfg.decoder.max_seq_len,
+                                          cfg.qa_position_jitter)
             lesion_aux = None
             if lesions is not None:
                 lesion_aux = (lesion_head, lesions[batch].float().to(device), cfg.lesion_weight)
