@@ -20,6 +20,7 @@ from edgevlm.errors import EdgeVLMError
 
 TORCH_QUANTS = ("int8", "nf4")
 TORCH_DTYPES = ("fp32", "fp16", "bf16")
+_BNB_CPU_PACK_ROWS = 32  # row block of bitsandbytes' packed AVX512-BF16 nf4 CPU layout
 
 
 def torch_dtype(name: str) -> Any:
@@ -40,6 +41,12 @@ def _bnb_linear(linear: Any, quant: str, dtype: Any, device: str) -> Any:
     else:
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype,
                                 quant_type="nf4")
+        packable = linear.out_features % _BNB_CPU_PACK_ROWS == 0 and linear.in_features % new.weight.blocksize == 0
+        if not packable and hasattr(new, "support_avx512bf16_for_cpu"):
+            # bitsandbytes 0.50 repacks nf4 weights for its AVX512-BF16 CPU kernel on the first forward and
+            # fails there unless out_features % 32 == 0 and in_features is whole blocks (measured: a 48 x 128
+            # layer raises); such layers take its generic CPU path, still nf4.
+            new.support_avx512bf16_for_cpu = False
     new.load_state_dict(linear.state_dict())
     return new.to(device)  # bitsandbytes quantizes the weight when it is moved to its device
 
