@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgevlm.errors import EdgeVLMError
-from edgevlm.preprocess import RECIPES, Recipe, preprocess, resize
+from edgevlm.preprocess import RECIPES, Recipe, box_mean, preprocess, resize
 from edgevlm.volume import Volume
 
 
@@ -162,3 +162,39 @@ def test_fast_pipeline_equals_the_plain_order(intensity):
 def test_unknown_preset_name():
     with pytest.raises(EdgeVLMError, match="no recipe 'nope'"):
         preprocess(phantom((4, 8, 8)), "nope")
+
+
+@pytest.mark.parametrize(("n", "m"), [(512, 171), (512, 170), (210, 26), (300, 37), (97, 32), (64, 16), (10, 7),
+                                      (100, 3), (5, 5)])
+def test_box_mean_is_torch_area_resize(n, m):
+    # Against torch's adaptive average in float64, along each axis of a fresh random volume; (10, 7) and
+    # (100, 3) are not near-integer factors (the fallback), the rest take the strided-run path.
+    gen = torch.Generator().manual_seed(n * 1000 + m)
+    for dim in range(3):
+        shape = [6, 5, 4]
+        shape[dim] = n
+        x = torch.randn(shape, generator=gen) * 500
+        ref = torch.nn.functional.adaptive_avg_pool1d(x.double().movedim(dim, -1).reshape(-1, 1, n), m)
+        ref = ref.reshape(*x.movedim(dim, -1).shape[:-1], m).movedim(-1, dim)
+        got = box_mean(x, dim, m)
+        assert got.shape == ref.shape and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("flip_dims", [(), (0,), (1, 2), (0, 1, 2)])
+def test_slab_wise_clip_flip_and_area_equal_the_plain_order(flip_dims, monkeypatch):
+    # A slab of 3 slices (not a divisor of 37) exercises the partial last slab and the reversed z order.
+    import edgevlm.preprocess as pre
+
+    monkeypatch.setattr(pre, "_SLAB_BYTES", 3 * 40 * 50 * 4)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 40, 50, generator=gen) * 800
+    before = x.clone()
+    size = (9, 13, 17)
+    got = resize(x, size, antialias=True, clip=(-1000.0, 600.0), flip_dims=flip_dims)
+    plain = (torch.flip(x, flip_dims) if flip_dims else x).clamp(-1000.0, 600.0).double()[None, None]
+    mid = tuple(round(n / (n // s)) for n, s in zip(x.shape, size, strict=True))
+    ref = torch.nn.functional.interpolate(torch.nn.functional.interpolate(plain, size=mid, mode="area"), size=size,
+                                          mode="trilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-3)
+    assert torch.equal(x, before)  # the input is read, never written

@@ -146,7 +146,11 @@ def test_peak_memory_catches_a_transient_allocation_and_profile_rows(gqa_bundle)
     before = psutil.Process().memory_info().rss
     with PeakMemory(interval_s=0.001) as mem:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, then freed before the block ends
-        time.sleep(0.05)
+        # Held until sampled or 2 s: a fixed 50 ms sleep failed on a loaded 2-core machine, where the
+        # sampling thread was not scheduled in time.
+        deadline = time.monotonic() + 2.0
+        while mem.peak_rss_bytes < before + 56 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert mem.peak_rss_bytes >= before + 56 * 2**20
     assert psutil.Process().memory_info().rss < mem.peak_rss_bytes
