@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgevlm.bench.fingerprint import environment
 from edgevlm.checkpoint import load_checkpoint
 from edgevlm.cli.train import _headline
 from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
@@ -154,8 +155,8 @@ def main() -> None:
         "method": {"accuracy_studies": args.studies, "timing_studies": args.timing_studies, "backend": "torch",
                    "device": "cpu", "precision": "fp32", "threads": args.threads,
                    "speed_path": "preprocess (native volume) + encode + greedy report generation, one study"},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python":
-                    platform.python_version(), "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpu": environment()["cpu"], "python": platform.python_version(),
+                    "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -198,6 +198,8 @@ def main() -> None:
     import onnxruntime
     from edgevlm.export.quantize import graph_weight_bytes, linear_nodes
 
+    from edgevlm.bench.fingerprint import environment
+
     work = Path(args.work)
     config = prepare(work, args.layers)
     fp32 = onnx.load(str(work / "decoder-fp32.onnx"), load_external_data=False)
@@ -256,8 +258,7 @@ def main() -> None:
         "benchmark": "quantize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"name": config["name"], "note": "M3D-LaMed-Phi-3 shape, random weights", "layers": args.layers},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg()},
+        "machine": {"platform": platform.platform(), "cpu": environment()["cpu"], "load_avg": os.getloadavg()},
         "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
                      "python": platform.python_version()},
         "settings": {"threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats,

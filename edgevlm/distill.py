@@ -101,6 +101,9 @@ class DistillConfig:
     w_vision: float = 1.0
     w_hidden: float = 0.5
     init_from_teacher: bool = True
+    # A trained checkpoint to start from instead of the teacher (same shape matching and layer map), e.g.
+    # a shallower student from the shipped one: its layers already follow the teacher.
+    init: str = ""
     label_max_new_tokens: int | None = None  # None: the teacher's prompt default
     heldout_studies: int = 8  # fixed held-out batch for the held-out KL / CE (0: none)
     eval_every: int = 400
@@ -457,7 +460,12 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
 
     student = MedVLM(student_cfg).to(device)
     init: dict[str, Any] = {"copied": {}, "skipped": {}}
-    if cfg.init_from_teacher:
+    if cfg.init:
+        init = {**init_from_teacher(student, load_checkpoint(cfg.init).model.float()), "source": Path(cfg.init).name}
+        log(f"initialized from {cfg.init}: {len(init['copied'])} tensors copied "
+            f"({init['copied_fraction']:.0%} of the student's parameters; ViT layers {init['vision_layer_map']}, "
+            f"decoder layers {init['decoder_layer_map']}), {len(init['skipped'])} fresh")
+    elif cfg.init_from_teacher:
         init = init_from_teacher(student, teacher)
         log(f"initialized from the teacher: {len(init['copied'])} tensors copied "
             f"({init['copied_fraction']:.0%} of the student's parameters; ViT layers {init['vision_layer_map']}, "

@@ -32,6 +32,8 @@ def distill_cmd(
     qa_position_jitter: int | None = typer.Option(None, "--qa-position-jitter",
                                                   help="QA text moved 0..N rotary positions (default 256)."),
     no_init: bool = typer.Option(False, "--no-init", help="Start the student from random weights."),
+    init: Path | None = typer.Option(None, "--init", help="Start from this trained checkpoint instead of the "
+                                     "teacher (e.g. a shallower student from a shipped one); layers mapped alike."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (bf16 autocast on cuda)."),
     threads: int | None = typer.Option(None, "--threads"),
@@ -62,6 +64,10 @@ def distill_cmd(
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:
         cfg.init_from_teacher = False
+    if init is not None:
+        if not init.exists():
+            raise EdgeVLMError("no such checkpoint to start from", init)
+        cfg.init = str(init)
     with _progress() as bar:
         progress = progress_callback(
             bar, "distill", lambda info: f"loss {info['total']:.3f} (kl {info['kl']:.3f})" if "total" in info else "")

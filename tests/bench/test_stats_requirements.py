@@ -8,7 +8,7 @@ import pytest
 
 from edgevlm.bench import apply_checks, check, parse_requirements, percentile, summarize, verdict
 from edgevlm.bench.accuracy import agreement, token_agreement
-from edgevlm.bench.fingerprint import path_tag, redact_argv
+from edgevlm.bench.fingerprint import cpu_isa, path_tag, redact_argv
 from edgevlm.bench.requirements import GB, load_requirements
 from edgevlm.errors import EdgeVLMError
 
@@ -111,3 +111,14 @@ def test_command_line_paths_are_tagged(tmp_path):
     assert "--studies path@" in line and "--reference=m-fp32@" in line
     assert "--repeats 2" in line and line.startswith("edgevlm bench")
     assert "synthetic:4" in redact_argv(["edgevlm", "bench", "--studies", "synthetic:4"])
+
+
+def test_cpu_isa_reads_the_quantization_relevant_flags(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8 "
+                   "avx512_bf16x\n")
+    assert cpu_isa(x86) == ["avx2", "avx512f", "avx512_vnni", "amx_int8"]  # whole words only
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_isa(arm) == ["asimd", "asimddp", "i8mm"]
+    assert cpu_isa(tmp_path / "missing") == []

@@ -162,3 +162,26 @@ def test_demo_small_preset_is_small_and_starts_whole_from_the_teacher():
     for name, tensor in student.state_dict().items():
         key = teacher_key(name, vision_map, decoder_map)
         assert key in source and source[key].shape == tensor.shape, name
+
+
+def test_init_starts_the_student_from_a_trained_checkpoint(tmp_path, teacher_path, student_json):
+    # A first student, then a second run that starts from it instead of the teacher (lr 0: one step leaves the
+    # weights at their initial values, so the saved student must equal the checkpoint it started from).
+    common = dict(teacher=str(teacher_path), student=str(student_json), data="synthetic:4", batch_studies=2,
+                  qa_per_study=1, heldout_studies=0, eval_every=100, checkpoint_every=100, render_workers=1,
+                  threads=2)
+    first = load_checkpoint(distill(DistillConfig(**common, steps=3, lr=3e-3, warmup_steps=1), tmp_path / "a",
+                                    log=lambda _: None))
+    second_path = distill(DistillConfig(**common, steps=1, lr=0.0, warmup_steps=0, weight_decay=0.0,
+                                        init=str(tmp_path / "a" / "model.safetensors")), tmp_path / "b",
+                          log=lambda _: None)
+    second = load_checkpoint(second_path)
+    init = second.extra["distillation"]["init"]
+    assert init["source"] == "model.safetensors" and init["copied_fraction"] == 1.0
+    teacher = load_checkpoint(teacher_path).model.state_dict()
+    moved = 0
+    for name, tensor in second.model.state_dict().items():
+        torch.testing.assert_close(tensor, first.model.state_dict()[name], rtol=0, atol=0)
+        assert name in init["copied"]
+        moved += name in teacher and teacher[name].shape == tensor.shape and not torch.equal(teacher[name], tensor)
+    assert moved > 0  # it started from the trained student, not from the teacher
