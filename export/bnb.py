@@ -14,6 +14,7 @@ bitsandbytes >= 0.45 runs both on CPU (checked with 0.50.2 in tests/export/test_
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from edgevlm.errors import EdgeVLMError
@@ -31,8 +32,20 @@ def torch_dtype(name: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def import_bitsandbytes() -> Any:
+    """bitsandbytes, imported with the Hugging Face Hub switched off for this process.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) fetches a CPU kernel from the Hub at import time
+    whenever the `kernels` package is installed; edgevlm never touches the network at run time.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def _bnb_linear(linear: Any, quant: str, dtype: Any, device: str) -> Any:
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     bias = linear.bias is not None
     if quant == "int8":
@@ -66,7 +79,7 @@ def quantize_torch_model(model: Any, quant: str | None, dtype: str = "fp32", dev
     if quant not in TORCH_QUANTS:
         raise EdgeVLMError(f"--quant must be one of {', '.join(TORCH_QUANTS)}, got {quant!r}")
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except ImportError:
         raise EdgeVLMError("--quant needs bitsandbytes: pip install 'edgevlm[bnb]'") from None
     for layer in model.decoder.layers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,32 @@ def test_torch_backend_bitsandbytes_cpu(int4_bundle: Path, quant: str | None, dt
     b = s.generate(vol, max_new_tokens=3, collect_logits=True)
     la, lb = a.logits[0].ravel(), b.logits[0].ravel()
     assert np.corrcoef(la, lb)[0, 1] > 0.95  # close to fp32, not equal
+
+
+def test_bitsandbytes_is_imported_with_the_hub_switched_off(tmp_path: Path) -> None:
+    # bitsandbytes 0.50 on AVX512-BF16 CPUs calls `kernels.get_kernel(<Hub repo>)` at import when the
+    # `kernels` package exists. A stand-in `kernels` records the HF_HUB_OFFLINE it was called under; the
+    # import runs in a fresh interpreter (this one has imported bitsandbytes already).
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'edgevlm[bnb]')")
+    fake = tmp_path / "fake" / "kernels"
+    fake.mkdir(parents=True)
+    record = tmp_path / "hub_offline.txt"
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "def get_kernel(*args, **kwargs):\n"
+        f"    open({str(record)!r}, 'w').write(os.environ.get('HF_HUB_OFFLINE', 'unset'))\n"
+        "    raise RuntimeError('no Hub here')\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["PYTHONPATH"] = str(fake.parent)
+    code = ("from edgevlm.export.bnb import import_bitsandbytes; import_bitsandbytes(); "
+            "from bitsandbytes.cextension import lib; import bitsandbytes.functional as F; "
+            "print('avx512bf16' if F.has_avx512bf16() else 'other')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.split()[-1] != "avx512bf16":
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not look for a Hub kernel here")
+    assert record.read_text() == "1"
