@@ -272,7 +272,8 @@ def fingerprint_rows(run: dict) -> list[tuple[str, str]]:
     return [
         ("machine", run["label"]),
         ("CPU", f"{cpu['model']} ({cpu['architecture']}), {cpu['physical_cores']} physical / {cpu['logical_cores']} "
-                f"logical cores, {cpu['usable_cores']} usable by this process"),
+                f"logical cores, {cpu['usable_cores']} usable by this process; int8/bf16 ISA: "
+                f"{' '.join(cpu.get('isa') or []) or 'none detected'}"),
         ("RAM", f"{_num(f['memory']['total_bytes'], 1, GB)} GB"),
         ("GPU", gpus),
         ("OS", f"{f['os']['platform']} ({f['os'].get('libc') or ''})"),

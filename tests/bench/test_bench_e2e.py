@@ -58,7 +58,12 @@ def test_results_validate_and_hold_the_measurements(bench_run):
     assert run["study_set"]["n_studies"] == 2 and len(run["study_set"]["content_sha256"]) == 64
     f = run["fingerprint"]
     assert f["cpu"]["logical_cores"] and f["python"]["version"] and f["libraries"]["onnxruntime"]
-    assert c["bundle"]["bundle_id"] in (bench_run / "report.md").read_text()
+    report = (bench_run / "report.md").read_text()
+    assert c["bundle"]["bundle_id"] in report
+    from edgevlm.bench.fingerprint import cpu_isa
+
+    assert f["cpu"]["isa"] == cpu_isa()  # int8 speed depends on them: the report states which the CPU has
+    assert f"int8/bf16 ISA: {' '.join(cpu_isa()) or 'none detected'}" in report
 
 
 def test_no_study_ids_or_paths_in_outputs(bench_run, gqa_bundle):
