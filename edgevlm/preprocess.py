@@ -318,11 +318,11 @@ def _clip_flip_box_mean(x: torch.Tensor, size: tuple[int, int, int], clip: tuple
     """
     d, h, w = x.shape
     slab = max(1, _SLAB_BYTES // (h * w * x.element_size()))
-    shrunk = torch.empty((d, size[1], size[2]), dtype=torch.float32)
-    # Slab buffers allocated once: a fresh tensor per slab is a fresh mapping, paid for in page faults.
-    buf = torch.empty((min(slab, d), h, w), dtype=torch.float32)
-    rows = torch.empty((min(slab, d), size[1], w), dtype=torch.float32)
+    shrunk = torch.empty((d, size[1], size[2]), dtype=x.dtype)
     flip_yx = tuple(dim for dim in flip_dims if dim != 0)
+    # Slab buffers allocated once: a fresh tensor per slab is a fresh mapping, paid for in page faults.
+    buf = torch.empty((min(slab, d), h, w), dtype=x.dtype) if clip is not None and not flip_yx else None
+    rows = torch.empty((min(slab, d), size[1], w), dtype=x.dtype)
     for z0 in range(0, d, slab):
         n = min(slab, d - z0)
         src = x[z0: z0 + n]
@@ -330,7 +330,7 @@ def _clip_flip_box_mean(x: torch.Tensor, size: tuple[int, int, int], clip: tuple
             part = torch.flip(src, flip_yx)  # a copy of our own: clipped in place
             if clip is not None:
                 part.clamp_(*clip)
-        elif clip is not None:
+        elif buf is not None:
             part = torch.clamp(src, *clip, out=buf[:n])
         else:
             part = src  # only read
