@@ -139,19 +139,22 @@ def test_torch_backend_refuses_a_different_checkpoint(gqa_bundle, tmp_path):
 
 
 def test_peak_memory_catches_a_transient_allocation_and_profile_rows(gqa_bundle):
+    import mmap
     import time
 
     import psutil
 
     before = psutil.Process().memory_info().rss
     with PeakMemory(interval_s=0.001) as mem:
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, then freed before the block ends
-        # Held until sampled or 2 s: a fixed 50 ms sleep failed on a loaded 2-core machine, where the
-        # sampling thread was not scheduled in time.
-        deadline = time.monotonic() + 2.0
+        # 64 MiB of fresh anonymous pages, touched, then unmapped before the block ends. A plain np.ones
+        # may be served from heap pages that an earlier test freed but the allocator kept resident:
+        # then RSS does not move at all (seen in the full suite).
+        region = mmap.mmap(-1, 64 * 2**20)
+        np.frombuffer(region, dtype=np.uint8)[:] = 1
+        deadline = time.monotonic() + 2.0  # held until sampled (at most 2 s on a loaded machine)
         while mem.peak_rss_bytes < before + 56 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        region.close()
     assert mem.peak_rss_bytes >= before + 56 * 2**20
     assert psutil.Process().memory_info().rss < mem.peak_rss_bytes
     result = load_bundle(gqa_bundle[1]).generate(_volumes(1)[0], max_new_tokens=4)
