@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 
@@ -52,16 +51,6 @@ def test_deterministic_and_seeds_differ():
     c = render_volume(sample_study(12), *DEMO)
     assert np.array_equal(a, b)
     assert np.abs(a - c).mean() > 20.0
-
-
-def test_demo_grid_render_is_fast():
-    spec = sample_study(5)
-    render_volume(spec, *DEMO)  # warm the lattice cache, as training does after the first study
-    t = time.perf_counter()
-    for _ in range(3):
-        render_volume(spec, *DEMO)
-    per_study_s = (time.perf_counter() - t) / 3
-    assert per_study_s < 0.5  # ~20-40 ms on a free core; generous for a shared CI machine
 
 
 def _with(spec, findings):
