@@ -82,6 +82,18 @@ def rope_tables(cfg: DecoderConfig) -> tuple[Tensor, Tensor]:
     return (angles.cos() * amplitude).float(), (angles.sin() * amplitude).float()
 
 
+def rope_tables_at(cos: Tensor, sin: Tensor, rope_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rows of the (max_seq_len, hd) rotary tables at rope_pos (B, T), as (B, 1, T, hd) in `dtype`."""
+    return cos[rope_pos].unsqueeze(1).to(dtype), sin[rope_pos].unsqueeze(1).to(dtype)
+
+
+def attention_mask(input_pos: Tensor, cache_len: int, key_valid: Tensor | None) -> Tensor:
+    """(B or 1, 1, T, S) bool: query at slot input_pos[t] sees the cache slots <= it that key_valid marks."""
+    slots = torch.arange(cache_len, device=input_pos.device)
+    mask = (slots[None, :] <= input_pos[:, None])[None, None]
+    return mask if key_valid is None else mask & key_valid[:, None, None, :]
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -196,27 +208,27 @@ class Decoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, embeds: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                rope_pos: Tensor | None = None, key_valid: Tensor | None = None) -> Tensor:
+                rope_pos: Tensor | None = None, key_valid: Tensor | None = None,
+                rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab) for input embeddings (B, T, dim).
 
         Without a cache: plain causal attention over the T tokens (training, scoring).
         With a cache: `input_pos` (T,) are the cache slots written by this call; each query attends to
         the slots <= its own that `key_valid` (B, S) marks valid (False for left padding). `rope_pos`
         (B, T) are the rotary positions, which differ from the slots when a prompt is left-padded.
+        `rope` (cos, sin), each (B, 1, T, hd), and `mask` (B, 1, T, S) replace what rope_pos and key_valid
+        would give: a caller that steps many times (`MedVLM.generate`) builds them once and passes views.
         """
         b, t, _ = embeds.shape
         if input_pos is None:
             input_pos = torch.arange(t, device=embeds.device)
-        if rope_pos is None:
-            rope_pos = input_pos[None].expand(b, t)
-        cos = self.rope_cos[rope_pos].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, hd)
-        sin = self.rope_sin[rope_pos].unsqueeze(1).to(embeds.dtype)
-        mask = None
-        if cache is not None:
-            slots = torch.arange(cache.max_seq_len, device=embeds.device)
-            mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, None, :]
+        if rope is None:
+            if rope_pos is None:
+                rope_pos = input_pos[None].expand(b, t)
+            rope = rope_tables_at(self.rope_cos, self.rope_sin, rope_pos, embeds.dtype)
+        cos, sin = rope
+        if cache is not None and mask is None:
+            mask = attention_mask(input_pos, cache.max_seq_len, key_valid)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, input_pos, mask)

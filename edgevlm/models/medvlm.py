@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from edgevlm.models.config import MedVLMConfig
-from edgevlm.models.decoder import Decoder, setup_cache
+from edgevlm.models.decoder import Decoder, attention_mask, rope_tables_at, setup_cache
 from edgevlm.models.projector import Projector
 from edgevlm.models.vision import VisionEncoder3D
 
@@ -83,24 +83,30 @@ class MedVLM(nn.Module):
         if gen.temperature > 0:
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if gen.seed is None else gen.seed)
+        # Masks and rotary rows of every slot, built once: a decode step then slices views. Each small op
+        # costs microseconds, and a one-layer decoder step only ~0.3 ms (measured: 0.1 ms/token of fixed
+        # per-step work before this).
+        mask = attention_mask(slots, total, key_valid)[:, 0, None]  # (B, 1, total, S)
+        cos, sin = rope_tables_at(self.decoder.rope_cos, self.decoder.rope_sin,
+                                  (slots[None, :] - pad[:, None]).clamp(min=0), visual.dtype)  # (B, 1, total, hd)
 
-        input_pos = slots[:t]
-        rope_pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
-        logits = self.decoder(self.embed(ids, visual, image_token_id), input_pos, cache, rope_pos, key_valid)
-        stop = torch.tensor(list(gen.stop_ids), dtype=torch.long, device=device)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        def rows(i: int, j: int) -> dict:
+            return {"rope": (cos[:, :, i:j], sin[:, :, i:j]), "mask": mask[:, :, i:j]}
+
+        logits = self.decoder(self.embed(ids, visual, image_token_id), slots[:t], cache, **rows(0, t))
+        stop = set(gen.stop_ids)
+        finished = [False] * b
         out: list[list[int]] = [[] for _ in range(b)]
         for step in range(gen.max_new_tokens):
             token = sample(logits[:, -1], gen.temperature, gen.top_p, generator)  # (B,)
-            for i in range(b):
+            for i, tok in enumerate(token.tolist()):
                 if not finished[i]:
-                    out[i].append(int(token[i]))
-            finished |= torch.isin(token, stop)
-            if bool(finished.all()) or step == gen.max_new_tokens - 1:
+                    out[i].append(tok)
+                    finished[i] = tok in stop
+            if all(finished) or step == gen.max_new_tokens - 1:
                 break
-            pos = slots[t + step: t + step + 1]
-            embeds = self.decoder.embed_tokens(token[:, None])
-            logits = self.decoder(embeds, pos, cache, (pos[None, :] - pad[:, None]), key_valid)
+            s = t + step
+            logits = self.decoder(self.decoder.embed_tokens(token[:, None]), slots[s: s + 1], cache, **rows(s, s + 1))
         return out
 
 
