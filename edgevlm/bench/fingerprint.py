@@ -66,14 +66,20 @@ def redact_argv(argv: Sequence[str]) -> str:
     return shlex.join([prog if prog != "__main__.py" else "edgevlm", *out[1:]])
 
 
-def _cpu_model() -> str:
+def _cpuinfo(keys: tuple[str, ...], cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The value of the first cpuinfo line starting with one of `keys`; None where there is none (not Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: platform's answer is coarser but present
+    except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    # Not Linux: platform's answer is coarser but present.
+    return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
 
 
 # Instruction sets that decide which quantized kernels a CPU runs (int8 GEMM with VNNI, bf16, AMX): the
@@ -84,14 +90,8 @@ _CPU_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_ti
 
 def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The CPU's flags among _CPU_ISA (x86 "flags", Arm "Features"; empty where cpuinfo cannot be read)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in _CPU_ISA if f in present]
-    except OSError:
-        pass
-    return []
+    present = set((_cpuinfo(("flags", "Features"), cpuinfo) or "").split())
+    return [f for f in _CPU_ISA if f in present]
 
 
 def _versions() -> dict[str, str | None]:
