@@ -25,7 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgevlm.preprocess import RECIPES, _affine, _crop_pad, preprocess, reorient
+from edgevlm.preprocess import (
+    RECIPES,
+    _affine,
+    _crop_pad,
+    box_average_shape,
+    preprocess,
+    reorient,
+    resampled_shape,
+)
 from edgevlm.volume import Volume
 
 SHAPE = (300, 512, 512)
@@ -48,9 +56,8 @@ def plain_order(volume: Volume, recipe) -> np.ndarray:
     """The straightforward antialiased path: every step on the whole volume (flip, clip, area, trilinear)."""
     x, spacing = reorient(torch.from_numpy(volume.array), volume.direction, volume.spacing_mm, recipe.orientation)
     x = x.clamp(*recipe.window)
-    size = tuple(max(1, round(n * s / t)) for n, s, t in zip(x.shape, spacing, recipe.spacing_mm, strict=True))
-    mid = tuple(max(o, round(n / (n // o))) if n >= 2 * o else n for n, o in zip(x.shape, size, strict=True))
-    v = F.interpolate(x[None, None], size=mid, mode="area")
+    size = resampled_shape(tuple(x.shape), spacing, recipe.spacing_mm)
+    v = F.interpolate(x[None, None], size=box_average_shape(tuple(x.shape), size), mode="area")
     x = F.interpolate(v, size=size, mode="trilinear", align_corners=False)[0, 0]
     x = _crop_pad(_affine(_crop_pad(x, recipe.grid, None), recipe.window, recipe), recipe.grid, recipe.pad_value)
     return x.numpy()

@@ -20,8 +20,9 @@ import numpy as np
 
 from edgevlm.bench.fingerprint import environment
 from edgevlm.data import render_volume, sample_study
+from edgevlm.preprocess import RECIPES
 
-DEMO_GRID = ((32, 128, 128), (10.0, 2.8, 2.8))  # (D, H, W), spacing (z, y, x) mm of the demo models
+DEMO = RECIPES["demo-chest"]  # the demo models' grid and spacing
 
 
 def time_renders(geometry: str, studies: int, repeats: int) -> dict:
@@ -29,7 +30,8 @@ def time_renders(geometry: str, studies: int, repeats: int) -> dict:
     shapes = []
     for seed in range(studies):
         spec = sample_study(seed)
-        shape, spacing = DEMO_GRID if geometry == "demo grid" else (spec.native_shape_zyx, spec.native_spacing_mm)
+        shape, spacing = ((DEMO.grid, DEMO.spacing_mm) if geometry == "demo grid"
+                          else (spec.native_shape_zyx, spec.native_spacing_mm))
         render_volume(spec, shape, spacing)  # warm-up
         times = []
         for _ in range(repeats):

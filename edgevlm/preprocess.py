@@ -278,6 +278,17 @@ def _foreground_box(x: torch.Tensor, threshold: float) -> tuple[slice, slice, sl
     return (box[0], box[1], box[2])
 
 
+def resampled_shape(shape: tuple[int, ...], spacing_mm: tuple[float, ...], target_mm: tuple[float, ...]) -> tuple:
+    """Step 4's output shape: n voxels of s mm become round(n * s / t) voxels spanning the same extent."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing_mm, target_mm, strict=True))
+
+
+def box_average_shape(shape: tuple[int, ...], size: tuple[int, ...]) -> tuple:
+    """The antialias box average's output: axes shrunk by f >= 2 are averaged by floor(f) voxels."""
+    return tuple(max(n_out, round(n_in / math.floor(n_in / n_out))) if n_in >= 2 * n_out else n_in
+                 for n_in, n_out in zip(shape, size, strict=True))
+
+
 def resize(x: torch.Tensor, size: tuple[int, int, int], antialias: bool,
            clip: tuple[float, float] | None = None, flip_dims: tuple[int, ...] = ()) -> torch.Tensor:
     """Trilinear resize of a (D, H, W) tensor to `size`, extent-preserving (align_corners=False).
@@ -286,13 +297,8 @@ def resize(x: torch.Tensor, size: tuple[int, int, int], antialias: bool,
     inside the box average, so a full-resolution x is never copied.
     """
     size = tuple(int(s) for s in size)
-    mid = tuple(x.shape)
-    if antialias:
-        # Box-average axes shrunk by f >= 2 by floor(f) first, so trilinear only bridges a factor < 2.
-        mid = tuple(
-            max(n_out, round(n_in / math.floor(n_in / n_out))) if n_in >= 2 * n_out else n_in
-            for n_in, n_out in zip(x.shape, size, strict=True)
-        )
+    # Box-average axes shrunk by f >= 2 by floor(f) first, so trilinear only bridges a factor < 2.
+    mid = box_average_shape(tuple(x.shape), size) if antialias else tuple(x.shape)
     x = _clip_flip_box_mean(x, mid, clip, flip_dims) if mid != tuple(x.shape) else _clip_flip(x, clip, flip_dims)
     if tuple(x.shape) == size:
         return x
@@ -447,8 +453,7 @@ def preprocess(volume: Volume, recipe: Recipe | str) -> np.ndarray:
             threshold = lo + (threshold - out_lo) * (hi - lo) / (out_hi - out_lo)
         x = x[_foreground_box(x, threshold)]
     if recipe.spacing_mm is not None:
-        size = tuple(max(1, round(n * s / t)) for n, s, t in zip(x.shape, spacing, recipe.spacing_mm, strict=True))
-        x = resize(x, size, recipe.antialias, clip, flip_dims)
+        x = resize(x, resampled_shape(tuple(x.shape), spacing, recipe.spacing_mm), recipe.antialias, clip, flip_dims)
         clip, flip_dims = None, ()
     if recipe.fit == "resize":
         x = _affine(resize(x, recipe.grid, recipe.antialias, clip, flip_dims), value_range, recipe)

@@ -107,15 +107,14 @@ def render_spec(spec: Any, cfg: MedVLMConfig) -> np.ndarray:
     the recipe itself does the rest. Checked against the native path in tests/test_train.py.
     """
     from edgevlm.data import render_volume
-    from edgevlm.preprocess import preprocess
+    from edgevlm.preprocess import preprocess, resampled_shape
     from edgevlm.volume import Volume
 
     recipe = model_recipe(cfg)
     if recipe.spacing_mm is None:
         raise ValueError("training renders at the recipe spacing: the recipe must set spacing_mm")
     native_shape, native_mm = spec.native_shape_zyx, spec.native_spacing_mm
-    # The recipe resamples n voxels of s mm to round(n * s / t) voxels spanning the same extent.
-    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(native_shape, native_mm, recipe.spacing_mm, strict=True))
+    shape = resampled_shape(native_shape, native_mm, recipe.spacing_mm)  # the same extent, as the recipe does
     spacing_mm = tuple(n * s / m for n, s, m in zip(native_shape, native_mm, shape, strict=True))
     # Resampled voxel i is centred at origin - s/2 + (i + 1/2) s' (align_corners=False); LPS is (x, y, z).
     ox, oy, oz = spec.native_origin_mm()

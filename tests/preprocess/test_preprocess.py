@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgevlm.errors import EdgeVLMError
-from edgevlm.preprocess import RECIPES, Recipe, box_mean, preprocess, resize
+from edgevlm.preprocess import RECIPES, Recipe, box_average_shape, box_mean, preprocess, resize
 from edgevlm.volume import Volume
 
 
@@ -193,7 +193,7 @@ def test_slab_wise_clip_flip_and_area_equal_the_plain_order(flip_dims, monkeypat
     size = (9, 13, 17)
     got = resize(x, size, antialias=True, clip=(-1000.0, 600.0), flip_dims=flip_dims)
     plain = (torch.flip(x, flip_dims) if flip_dims else x).clamp(-1000.0, 600.0).double()[None, None]
-    mid = tuple(round(n / (n // s)) for n, s in zip(x.shape, size, strict=True))
+    mid = box_average_shape(tuple(x.shape), size)
     ref = torch.nn.functional.interpolate(torch.nn.functional.interpolate(plain, size=mid, mode="area"), size=size,
                                           mode="trilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-3)
