@@ -155,6 +155,9 @@ def test_foreground_from_volume_counts_voxels(seed):
     above = (vol[:, 0] > thr).view(2, 2, 2, 3, 2, 3, 3).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 18, 12)
     assert torch.equal(got, above.sum(-1) >= 3), f"seed={seed}"
     assert got.dtype == torch.bool and got.shape == (2, 18)
+    two = torch.rand(2, 2, 4, 6, 9)  # two channels: a voxel counts when any channel is above
+    any_above = (two > thr).any(dim=1).view(2, 2, 2, 3, 2, 3, 3).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 18, 12)
+    assert torch.equal(foreground_from_volume(two, patch, thr, frac), any_above.sum(-1) >= 3), f"seed={seed}"
 
 
 def test_kernels_import_without_triton():

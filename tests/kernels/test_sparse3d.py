@@ -1,5 +1,5 @@
-"""Sparse volumetric attention: Triton kernel vs the float64 SDPA reference, empty rows, the
-dispatcher, and the ONNX formulation through torch.onnx.export + onnxruntime.
+"""Sparse volumetric attention: Triton kernel and the CPU visited-blocks path vs the float64 SDPA
+reference, empty rows, the dispatcher, and the ONNX formulation through torch.onnx.export + onnxruntime.
 
 Without CUDA the kernel runs in Triton's interpreter (tests/kernels/conftest.py), so sizes are tiny.
 Tolerances: ||out - ref|| / ||ref|| <= 1e-4 for fp32, <= 1e-2 for fp16/bf16; NaN never passes.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edgevlm.kernels import attention, attention_onnx, attention_reference, volumetric_attention
+from edgevlm.kernels import attention, attention_blocks, attention_onnx, attention_reference, volumetric_attention
 from edgevlm.kernels.mask3d import SparseSpec
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -93,11 +93,45 @@ def test_mask_broadcast_over_batch_and_strided_inputs(triton_device, seed):
     assert rel_err(out, ref) <= 1e-2, f"seed={seed}"
 
 
+@pytest.mark.parametrize(("grid", "n_global", "radius", "block", "hd", "p_fg"),
+                         [*SHAPES, ((4, 6, 8), 1, 1, 16, 32, 0.6), ((5, 4, 8), 3, 2, 32, 16, 0.4)])
+def test_blocks_path_matches_reference(grid, n_global, radius, block, hd, p_fg, seed):
+    """The CPU path gathers key spans (several per query block at radius 1 on these grids, a ragged last
+    block, per-row foregrounds) and batches runs of query blocks with equal key sets."""
+    b, h = 3, 2
+    d, hh, w = grid
+    fg = None if p_fg is None else (torch.rand(b, d * hh * w) < p_fg)
+    spec = SparseSpec(grid, n_global, radius, block, fg)
+    q, k, v = _inputs(b, h, spec.n_tokens, hd, torch.float64, "cpu")
+    ref = attention_reference(q, k, v, spec)
+    out = attention_blocks(q, k, v, spec)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) <= 1e-12, f"seed={seed}"
+    out32 = attention_blocks(q.float(), k.float(), v.float(), spec)
+    assert rel_err(out32, ref) <= 1e-5, f"seed={seed}"
+
+
+def test_blocks_path_zeroes_empty_rows_and_is_what_auto_runs_on_cpu(monkeypatch, seed):
+    import edgevlm.kernels.sparse3d as sparse3d
+
+    fg = torch.zeros(2, 48, dtype=torch.bool)
+    fg[1, 20] = True  # batch 0: nothing visible; batch 1: only block 1, seen by block 1 alone (radius 0)
+    spec = SparseSpec((3, 4, 4), 0, 0, 16, fg)
+    q, k, v = _inputs(2, 2, spec.n_tokens, 32, torch.float32, "cpu")
+    calls = []
+    monkeypatch.setattr(sparse3d, "attention_blocks", lambda *a, **kw: calls.append(1) or attention_blocks(*a, **kw))
+    with torch.no_grad():
+        out = attention(q, k, v, spec)
+    assert calls, "auto on the CPU without gradients must take the visited-blocks path"
+    assert bool((out[0] == 0).all()) and bool((out[1, :, :16] == 0).all()) and bool((out[1, :, 32:] == 0).all())
+    assert rel_err(out, attention_reference(q.double(), k.double(), v.double(), spec)) <= 1e-5, f"seed={seed}"
+
+
 def test_dispatcher_and_hook_on_cpu(seed):
     spec = SparseSpec((2, 3, 4), 1, 1, 16, torch.rand(2, 24) < 0.5)
     q, k, v = _inputs(2, 2, spec.n_tokens, 16, torch.float32, "cpu")
     ref = attention_reference(q.double(), k.double(), v.double(), spec)
-    for backend in ("auto", "torch", "onnx"):
+    for backend in ("auto", "torch", "onnx", "blocks"):
         out = attention(q, k, v, spec, backend=backend)
         assert rel_err(out, ref) <= 1e-5, f"{backend} (seed={seed})"
     out = volumetric_attention(q, k, v, (2, 3, 4), 1, 1, 16, spec.foreground)
@@ -109,7 +143,7 @@ def test_dispatcher_and_hook_on_cpu(seed):
 def test_huge_radius_equals_dense_attention(seed):
     q, k, v = _inputs(2, 3, 1 + 3 * 4 * 5, 32, torch.float64, "cpu")
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    for backend in ("torch", "onnx"):
+    for backend in ("torch", "onnx", "blocks"):
         spec = SparseSpec((3, 4, 5), 1, 10**3, 16)
         assert rel_err(attention(q, k, v, spec, backend=backend), dense) <= 1e-12, f"{backend} (seed={seed})"
 
