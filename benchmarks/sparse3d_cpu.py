@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from edgevlm.kernels import SparseSpec, attention_blocks, attention_reference
 
 from edgevlm.bench.fingerprint import environment
-from edgevlm.kernels import SparseSpec, attention_blocks, attention_reference
 
 # name, grid, n_global, radius, block, heads, head_dim, foreground fraction
 SHAPES = [
