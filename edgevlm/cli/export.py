@@ -28,6 +28,8 @@ def export(
     int4_block_size: int = typer.Option(32, "--int4-block-size", help="Weights per int4 scale (power of 2)."),
     int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | hqq."),
     int8_decoder: str = typer.Option("nbits", "--int8-decoder", help="nbits (weight-only) | dynamic."),
+    int8_attention: str = typer.Option("dynamic", "--int8-attention", help="int8 vision attention scores: "
+                                       "dynamic (scales per call; onnxruntime) | float (TensorRT)."),
     symmetric_activations: bool = typer.Option(False, "--symmetric-activations",
                                                help="int8 vision activations with zero point 0 (TensorRT)."),
     gate_studies: str = typer.Option("synthetic:16", "--gate-studies", help="Held-out studies for the accuracy "
@@ -55,6 +57,7 @@ def export(
                          on_step=lambda msg: err_console.print(f"[dim]{msg}[/]"),  # progress: stderr
                          quant=QuantConfig(calib=calib, calib_method=calib_method, int4_block_size=int4_block_size,
                                            int4_method=int4_method, int8_decoder=int8_decoder,
+                                           int8_attention=int8_attention,
                                            activation_symmetric=symmetric_activations, gate_studies=gate_studies,
                                            allow_degradation=allow_degradation))
     bundle = verify_bundle(path, check_hashes=False)

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from edgevlm.calibration import CalibrationSet, array_sha256
 from edgevlm.export import export_bundle
-from edgevlm.export.quantize import SCHEMES, QuantConfig, module_of, quantize_decoder
+from edgevlm.export.quantize import SCHEMES, QuantConfig, int8_attention_scores, module_of, quantize_decoder
 from edgevlm.export.testing import make_checkpoint, tiny_config
 from typer.testing import CliRunner
 
@@ -64,7 +64,13 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
                    and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[1]].dims) == 1
                    and inits[n.input[1]].dims[0] > 1]
     assert len(per_channel) >= 6
-    # the patch embedding's MatMul and the attention matmuls stay float (quantize_vision_int8 says why)
+    # the patch embedding's MatMul and the attention's weighted sum of values stay float, the scores are
+    # int8 with scales per call (quantize_vision_int8 and int8_attention_scores say why)
+    scores = [n for n in vis.graph.node if n.op_type == "MatMulInteger"]
+    assert len(scores) == quant_config().vision.depth
+    producers = {o: n.op_type for n in vis.graph.node for o in n.output}
+    assert all(producers[n.input[0]] == "DynamicQuantizeLinear" and producers[n.input[1]] == "QuantizeLinear"
+               for n in scores)
     matmuls = [n for n in vis.graph.node if n.op_type == "MatMul"]
     quantized_weight = {n.name for n in matmuls if n.input[1] not in inits}  # weight arrives via DequantizeLinear
     dq_out = {n.output[0] for n in vis.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
@@ -81,6 +87,44 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
     q = m["quantization"]
     assert q["decoder_plan"]["decoder.lm_head"] == "int8" and q["config"]["int4_block_size"] == 32
     assert q["weight_bytes"]["decoder"]["layers"] < 0.2 * 4 * 2 * (4 * 128 * 128 + 3 * 128 * 256) + 4096
+
+
+def _attention_graph(heads: int, n: int, hd: int) -> onnx.ModelProto:
+    """softmax(Q K^T / sqrt(hd)) V over (1, heads, n, hd) inputs, the way the exporter writes SDPA."""
+    from onnx import TensorProto, helper
+
+    shape = [1, heads, n, hd]
+    scale = onnx.numpy_helper.from_array(np.array(hd**-0.5, np.float32), "scale")
+    nodes = [helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "k_t"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["s_scaled"]),
+             helper.make_node("Softmax", ["s_scaled"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)
+                                                   for x in "qkv"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_int8_attention_scores_against_float64() -> None:
+    import onnxruntime as ort
+
+    seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs each run, printed on failure
+    heads, n, hd = 3, 96, 32
+    model = _attention_graph(heads, n, hd)
+    assert int8_attention_scores(model) == 1
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("MatMul") == 1  # scores int8, weighted values float
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, heads, n, hd)).astype(np.float32) * s for s in (2.0, 0.5, 1.0))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"q": q, "k": k, "v": v})[0].astype(np.float64)
+    scores = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2) / np.sqrt(hd)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert np.isfinite(out).all() and rel < 2e-2, f"int8 scores: rel err {rel:.3e} (seed={seed})"
+    assert rel > 1e-6, "the scores were not quantized"
+    with pytest.raises(EdgeVLMError, match="--int8-attention"):
+        QuantConfig(int8_attention="int4")
 
 
 def test_calibration_record(int4_bundle: Path) -> None:
