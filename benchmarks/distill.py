@@ -7,7 +7,12 @@ Accuracy: both checkpoints answer the same held-out synthetic studies (seeds fro
 never trained on) through `run_eval`; the headline numbers are `edgevlm eval`'s, and "retained" is
 student / teacher. Speed: per study, end to end in PyTorch on the CPU, fp32, the same thread count for
 both: preprocess the native-geometry volume, encode it, generate the report (greedy, stop token or the
-prompt's max_new_tokens). Teacher and student alternate on each study so both see the same machine load.
+prompt's max_new_tokens). Teacher and student alternate on each study so both see the same machine load;
+each study runs --repeats times per model and counts with its fastest run: on this shared host other
+tenants' load slows the teacher more than the student (its 4.5 MB of decoder weights leave the shared
+cache; measured 1.0-2.2 ms/token for the teacher against 0.27-0.40 for the student in back-to-back
+runs), so a median of single runs moved the ratio between 2.8x and 3.8x. The median over all runs is
+recorded too (`speed_all_runs`).
 Writes benchmarks/results/distill.json and ends with one JSON line.
 """
 
@@ -105,6 +110,9 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=100, help="held-out studies for accuracy")
     parser.add_argument("--timing-studies", type=int, default=12, help="held-out studies for speed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per study and model (alternated); each study counts with its fastest run")
+    parser.add_argument("--speed-only", action="store_true", help="time, print, write nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill.json")
     parser.add_argument("--asset-json", type=Path, default=None,
                         help="also write the shipped student's record here (command, seed, eval summary)")
@@ -120,11 +128,18 @@ def main() -> None:
     for ckpt in models.values():  # warm-up: thread pools, allocator, first-call dispatch
         time_study(ckpt, volumes[0])
     rows: dict[str, list[dict]] = {"teacher": [], "student": []}
+    all_runs: dict[str, list[dict]] = {"teacher": [], "student": []}
     for i, volume in enumerate(volumes[1:]):
-        order = ("teacher", "student") if i % 2 == 0 else ("student", "teacher")
-        for name in order:
-            rows[name].append(time_study(models[name], volume))
+        runs: dict[str, list[dict]] = {"teacher": [], "student": []}
+        for r in range(args.repeats):
+            order = ("teacher", "student") if (i + r) % 2 == 0 else ("student", "teacher")
+            for name in order:
+                runs[name].append(time_study(models[name], volume))
+        for name, study_runs in runs.items():
+            rows[name].append(min(study_runs, key=lambda run: run["total_ms"]))
+            all_runs[name] += study_runs
     speed = {k: summarize(v) for k, v in rows.items()}
+    speed_all_runs = {k: summarize(v) for k, v in all_runs.items()}
     speedup = {
         "end_to_end_p50": round(speed["teacher"]["p50_total_ms"] / speed["student"]["p50_total_ms"], 2),
         "model_only_median": round(
@@ -132,8 +147,13 @@ def main() -> None:
             / (speed["student"]["median_vision_ms"] + speed["student"]["median_generate_ms"]), 2),
         "generate_ms_per_token": round(speed["teacher"]["generate_ms_per_token"]
                                        / speed["student"]["generate_ms_per_token"], 2),
+        "end_to_end_p50_all_runs": round(speed_all_runs["teacher"]["p50_total_ms"]
+                                         / speed_all_runs["student"]["p50_total_ms"], 2),
     }
 
+    if args.speed_only:
+        print(json.dumps({"speedup": speedup, "speed": speed, "all_runs": speed_all_runs}, indent=1))
+        return
     acc = {k: accuracy(c, args.studies) for k, c in models.items()}
     retained = {}
     for key in ("finding_micro_f1", "finding_macro_f1", "closed_accuracy", "side_accuracy", "lobe_accuracy"):
@@ -152,7 +172,10 @@ def main() -> None:
                     "accuracy": acc["student"], "speed": speed["student"]},
         "retained": retained, "speedup": speedup, "targets": {"retained": TARGET_RETAINED, "speedup": TARGET_SPEEDUP},
         "passed": passed,
-        "method": {"accuracy_studies": args.studies, "timing_studies": args.timing_studies, "backend": "torch",
+        "speed_all_runs": speed_all_runs,
+        "method": {"accuracy_studies": args.studies, "timing_studies": args.timing_studies, "repeats": args.repeats,
+                   "per_study": "fastest of the repeats (the least disturbed by other load on this shared host)",
+                   "backend": "torch",
                    "device": "cpu", "precision": "fp32", "threads": args.threads,
                    "speed_path": "preprocess (native volume) + encode + greedy report generation, one study"},
         "machine": {"platform": platform.platform(), "cpu": environment()["cpu"], "python": platform.python_version(),
