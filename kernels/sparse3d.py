@@ -283,7 +283,7 @@ def attention_blocks(
     out = torch.empty_like(q)
     for bi in range(b):
         row = bi if len(kv_num) > 1 else 0
-        keys = [tuple(sorted(kv_idx[row][qb][: kv_num[row][qb]])) for qb in range(len(kv_num[row]))]
+        keys = [tuple(kv_idx[row][qb][: kv_num[row][qb]]) for qb in range(len(kv_num[row]))]  # ascending
         qb = 0
         while qb < len(keys):
             end = qb + 1
