@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from edgevlm.export.graphs import DecoderStep, VisionGraph, cache_names
 from edgevlm.export.parity import ParityConfig, measure_parity
-from edgevlm.export.quantize import QUANTIZED, SCHEMES, QuantConfig
+from edgevlm.export.quantize import QUANTIZED, SCHEMES, QuantConfig, resolve_int8_attention
 
 from edgevlm import __version__
 from edgevlm.checkpoint import Checkpoint, atomic_write, load_checkpoint
@@ -300,7 +300,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
     accuracy gate (edgevlm.export.gates) and `quant.allow_degradation` is off. `calibration`: a prebuilt
     edgevlm.calibration.CalibrationSet instead of `quant.calib`.
     """
-    options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(), quant or QuantConfig())
+    options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(),
+                            resolve_int8_attention(quant or QuantConfig(), device))
     on_step = on_step or (lambda _msg: None)
     out = Path(out_dir)
     if out.exists() and not options.overwrite:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from edgevlm.errors import EdgeVLMError
 QUANT_VERSION = 1
 INT4_METHODS = ("rtn", "hqq")
 INT8_DECODER_MODES = ("nbits", "dynamic")
-INT8_ATTENTION_MODES = ("dynamic", "float")
+INT8_ATTENTION_MODES = ("auto", "dynamic", "float")
 LM_HEAD = "decoder.lm_head"
 
 
@@ -84,7 +84,9 @@ class QuantConfig:
     int4_method: str = "rtn"  # rtn | hqq
     int4_symmetric: bool = False  # zero points per block (asymmetric) keep more accuracy at int4
     int8_decoder: str = "nbits"  # nbits | dynamic
-    int8_attention: str = "dynamic"  # vision Q.K^T: dynamic (int8, scales per call; onnxruntime) | float
+    # vision Q.K^T: dynamic (int8, scales per call: onnxruntime's CPU kernels) | float | auto (export_bundle:
+    # dynamic for --device cpu, float for cuda, where those ops would fall back to the CPU)
+    int8_attention: str = "auto"
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
     gate_studies: str = "synthetic:16"  # held-out studies for the task gate (seeds from GATE_SEED_START)
     gate_max_new_tokens: int | None = None  # None: the model's prompt default
@@ -291,7 +293,7 @@ def quantize_vision_int8(src: Path, dst: Path, volumes: np.ndarray, cfg: QuantCo
             nodes_to_quantize=nodes,
             extra_options={"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True},
         )
-        if cfg.int8_attention == "dynamic":
+        if cfg.int8_attention in ("dynamic", "auto"):  # auto unresolved (direct calls): the CPU default
             model = onnx.load(str(Path(tmp) / "vision.onnx"))
             int8_attention_scores(model)
             onnx.save(model, str(Path(tmp) / "vision.onnx"))
@@ -370,6 +372,13 @@ def int8_attention_scores(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(rewritten)
     return len(targets)
+
+
+def resolve_int8_attention(cfg: QuantConfig, device: str) -> QuantConfig:
+    """`auto` -> dynamic int8 scores on the CPU, float on CUDA; an explicit choice is kept."""
+    if cfg.int8_attention != "auto":
+        return cfg
+    return replace(cfg, int8_attention="dynamic" if device == "cpu" else "float")
 
 
 def graph_weight_bytes(path: Path, modules: dict[str, str] | None = None) -> dict[str, int]:

@@ -28,8 +28,9 @@ def export(
     int4_block_size: int = typer.Option(32, "--int4-block-size", help="Weights per int4 scale (power of 2)."),
     int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | hqq."),
     int8_decoder: str = typer.Option("nbits", "--int8-decoder", help="nbits (weight-only) | dynamic."),
-    int8_attention: str = typer.Option("dynamic", "--int8-attention", help="int8 vision attention scores: "
-                                       "dynamic (scales per call; onnxruntime) | float (TensorRT)."),
+    int8_attention: str = typer.Option("auto", "--int8-attention", help="int8 vision attention scores: "
+                                       "dynamic (scales per call; onnxruntime CPU) | float (TensorRT) | auto "
+                                       "(dynamic for --device cpu, float for cuda)."),
     symmetric_activations: bool = typer.Option(False, "--symmetric-activations",
                                                help="int8 vision activations with zero point 0 (TensorRT)."),
     gate_studies: str = typer.Option("synthetic:16", "--gate-studies", help="Held-out studies for the accuracy "

@@ -13,7 +13,14 @@ import onnx
 import pytest
 from edgevlm.calibration import CalibrationSet, array_sha256
 from edgevlm.export import export_bundle
-from edgevlm.export.quantize import SCHEMES, QuantConfig, int8_attention_scores, module_of, quantize_decoder
+from edgevlm.export.quantize import (
+    SCHEMES,
+    QuantConfig,
+    int8_attention_scores,
+    module_of,
+    quantize_decoder,
+    resolve_int8_attention,
+)
 from edgevlm.export.testing import make_checkpoint, tiny_config
 from typer.testing import CliRunner
 
@@ -86,6 +93,7 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
     assert 1 <= r.n_new_tokens <= 4
     q = m["quantization"]
     assert q["decoder_plan"]["decoder.lm_head"] == "int8" and q["config"]["int4_block_size"] == 32
+    assert q["config"]["int8_attention"] == "dynamic"  # `auto` resolved for --device cpu, recorded as such
     assert q["weight_bytes"]["decoder"]["layers"] < 0.2 * 4 * 2 * (4 * 128 * 128 + 3 * 128 * 256) + 4096
 
 
@@ -125,6 +133,9 @@ def test_int8_attention_scores_against_float64() -> None:
     assert rel > 1e-6, "the scores were not quantized"
     with pytest.raises(EdgeVLMError, match="--int8-attention"):
         QuantConfig(int8_attention="int4")
+    assert resolve_int8_attention(QuantConfig(), "cpu").int8_attention == "dynamic"
+    assert resolve_int8_attention(QuantConfig(), "cuda").int8_attention == "float"
+    assert resolve_int8_attention(QuantConfig(int8_attention="dynamic"), "cuda").int8_attention == "dynamic"
 
 
 def test_calibration_record(int4_bundle: Path) -> None:
