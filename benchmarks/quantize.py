@@ -84,6 +84,7 @@ def prepare(work: Path, layers: int) -> dict:
         gemm_to_matmul,
         quantize_decoder,
         quantize_vision_int8,
+        resolve_int8_attention,
     )
 
     from edgevlm.models import MedVLM
@@ -104,7 +105,8 @@ def prepare(work: Path, layers: int) -> dict:
     if not (work / "vision-int8.onnx").exists():
         print("vision int8 QDQ (2 calibration volumes)", flush=True)
         vols, _ = parity_volumes(cfg, recipe, 2, seed=2_000_000)
-        quantize_vision_int8(work / "vision-fp32.onnx", work / "vision-int8.onnx", vols, QuantConfig())
+        quantize_vision_int8(work / "vision-fp32.onnx", work / "vision-int8.onnx", vols,
+                             resolve_int8_attention(QuantConfig(), "cpu"))
     fp32 = onnx.load(str(work / "decoder-fp32.onnx"))
     gemm_to_matmul(fp32)
     jobs = {"decoder-int8.onnx": ("int8", "int8", QuantConfig()),
@@ -174,10 +176,10 @@ def vision_pair_worker(args: argparse.Namespace) -> None:
     from edgevlm.export.bundle import resolve_recipe
     from edgevlm.export.parity import parity_volumes
 
+    from edgevlm.runtime.backends import session_options
+
     cfg = m3d_config(args.layers)
-    options = ort.SessionOptions()  # what OrtBackend gives the vision encoder
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    options = session_options(args.threads)  # what OrtBackend gives the vision encoder
     work = Path(args.work)
     sessions = {name: ort.InferenceSession(str(work / VARIANTS[name][0]), options, providers=["CPUExecutionProvider"])
                 for name in ("fp32", "int8")}
@@ -207,6 +209,14 @@ class _Cached:
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
+
+
+def run_worker(cmd: list[str], label: str) -> dict:
+    """Run one worker subprocess; its last stdout line is its JSON result."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"worker {label} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -251,10 +261,7 @@ def main() -> None:
                str(args.threads), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--layers",
                str(args.layers), "--vision-repeats", str(args.repeats if name in ("fp32", "int8") else 0)]
         print(f"running {name}", flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode:
-            raise SystemExit(f"worker {name} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_worker(cmd, name)
         wb = graph_weight_bytes(work / decoder, modules)
         r["decoder_weight_bytes"] = wb
         r["bytes_per_token"] = wb["layers"] + wb["lm_head"]
@@ -267,10 +274,7 @@ def main() -> None:
     print("running vision fp32 / int8 side by side", flush=True)
     cmd = [sys.executable, __file__, "--vision-pair-worker", "--work", str(work), "--threads", str(args.threads),
            "--layers", str(args.layers), "--vision-repeats", str(args.vision_pairs)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise SystemExit(f"vision pair worker failed:\n{out.stderr[-3000:]}")
-    vision_pair = json.loads(out.stdout.strip().splitlines()[-1])
+    vision_pair = run_worker(cmd, "vision pair")
     f32 = results.get("fp32")
     summary = {}
     if f32:

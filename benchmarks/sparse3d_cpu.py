@@ -34,14 +34,10 @@ SHAPES = [
 FLOAT64_MAX_TOKENS = 4096
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def elapsed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 @torch.no_grad()
@@ -62,9 +58,11 @@ def bench_shape(name, grid, n_global, radius, block, heads, head_dim, p_fg, repe
     fns = {"dense_ms": lambda: F.scaled_dot_product_attention(q, k, v),
            "reference_ms": lambda: attention_reference(q, k, v, spec),
            "blocks_ms": lambda: attention_blocks(q, k, v, spec)}
+    for fn in fns.values():  # warm-up
+        fn()
     for _ in range(repeats):  # interleaved: one repeat of each per round
         for key, fn in fns.items():
-            times[key].append(median_ms(fn, 1))
+            times[key].append(elapsed_ms(fn))
     row.update({key: round(statistics.median(ts), 3) for key, ts in times.items()})
     row["blocks_vs_reference"] = round(row["reference_ms"] / row["blocks_ms"], 2)
     row["blocks_vs_dense"] = round(row["dense_ms"] / row["blocks_ms"], 2)

@@ -293,7 +293,7 @@ def quantize_vision_int8(src: Path, dst: Path, volumes: np.ndarray, cfg: QuantCo
             nodes_to_quantize=nodes,
             extra_options={"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True},
         )
-        if cfg.int8_attention in ("dynamic", "auto"):  # auto unresolved (direct calls): the CPU default
+        if cfg.int8_attention == "dynamic":  # `auto` is resolved per device first (resolve_int8_attention)
             model = onnx.load(str(Path(tmp) / "vision.onnx"))
             int8_attention_scores(model)
             onnx.save(model, str(Path(tmp) / "vision.onnx"))

@@ -50,6 +50,20 @@ def choose_providers(requested: list[str] | tuple[str, ...] | None = None) -> li
 QUANTIZED_DECODERS = ("int8", "int4", "auto")
 
 
+def session_options(threads: int | None) -> Any:
+    """onnxruntime session options of the bundle's graphs: all graph optimizations, sequential, `threads`
+    intra-op threads (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
+
+
 def numpy_dtype(precision: str) -> np.dtype:
     return np.dtype(np.float16 if precision == "fp16" else np.float32)
 
@@ -83,22 +97,12 @@ class OrtBackend:
         import onnxruntime as ort
 
         self.dtype = numpy_dtype(self.precision)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
-            options.inter_op_num_threads = 1
+        options = session_options(self.threads)
         providers = choose_providers(self.providers)
         # fp32/fp16 decoder without weight prepacking: MLAS's prepacked SGEMM is slower for the M=1 products of
         # decode (measured at 1 thread, 1x3072 @ 3072x16384: 13.1 ms prepacked, 9.5 ms not, torch 10.3 ms)
         # and a prepacked copy doubles the weights' memory. The vision encoder (M = thousands) keeps it.
-        decoder_options = ort.SessionOptions()
-        decoder_options.graph_optimization_level = options.graph_optimization_level
-        decoder_options.execution_mode = options.execution_mode
-        if self.threads:
-            decoder_options.intra_op_num_threads = int(self.threads)
-            decoder_options.inter_op_num_threads = 1
+        decoder_options = session_options(self.threads)
         if self.precision not in QUANTIZED_DECODERS:
             decoder_options.add_session_config_entry("session.disable_prepacking", "1")
         try:
