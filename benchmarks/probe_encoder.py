@@ -145,7 +145,8 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
     types = ltr.shape[-1]
     net = torch.nn.Sequential(_conv_block(1, 16, (1, 2, 2)), _conv_block(16, 32, 2), _conv_block(32, 48, 2),
                               _conv_block(48, 64, (1, 2, 2)), torch.nn.Conv3d(64, types, 1))
-    mean = vtr.float().mean(0)  # centred input, as the training loop does for the ViT
+    # Centred input, as the training loop does for the ViT (summed in fp32 without an fp32 copy of vtr).
+    mean = vtr.sum(0, dtype=torch.float32) / len(vtr)
 
     def logits(v: torch.Tensor) -> torch.Tensor:  # (B, D, H, W) -> (B, num_patches, types), raster order
         return net((v.float() - mean)[:, None]).flatten(2).transpose(1, 2)
@@ -199,7 +200,8 @@ def main() -> None:
     t0 = time.perf_counter()
     patches, visual = encode(ckpt.model, volumes)
     encode_s = time.perf_counter() - t0
-    volumes = torch.from_numpy(np.stack(volumes)).half()  # fp16 (S, D, H, W): only the CNN reference reads them
+    # fp16 (S, D, H, W), kept only for the CNN reference
+    volumes = torch.from_numpy(np.stack(volumes)).half() if args.cnn_steps else None
 
     n = args.train_studies
     labels = finding_labels()
