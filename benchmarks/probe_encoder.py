@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from edgevlm.bench.fingerprint import environment
 from edgevlm.checkpoint import load_checkpoint
@@ -72,7 +74,8 @@ def standardize(train: torch.Tensor, test: torch.Tensor, dims: tuple[int, ...]) 
     return (train - mean) / std, (test - mean) / std
 
 
-def fit(score, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, steps: int, batch: int,
+def fit(score: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+        steps: int, batch: int,
         lr: float, weight_decay: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -84,7 +87,7 @@ def fit(score, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, ste
         opt.step()
 
 
-def probe_visual_flat(xtr, ytr, xte, yte, labels, seed: int) -> dict:
+def probe_visual_flat(xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor, labels: Sequence[str], seed: int) -> dict:
     w = torch.zeros(xtr[0].numel(), ytr.shape[1], requires_grad=True)
     b = torch.zeros(ytr.shape[1], requires_grad=True)
 
@@ -96,7 +99,7 @@ def probe_visual_flat(xtr, ytr, xte, yte, labels, seed: int) -> dict:
         return finding_auc(score(xte), yte, labels)
 
 
-def probe_token_max(xtr, ytr, xte, yte, labels, seed: int) -> dict:
+def probe_token_max(xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor, labels: Sequence[str], seed: int) -> dict:
     torch.manual_seed(seed)
     n_tokens, dim = xtr.shape[1:]
     w = (torch.randn(dim, ytr.shape[1]) * 0.01).requires_grad_()
@@ -113,7 +116,8 @@ def probe_token_max(xtr, ytr, xte, yte, labels, seed: int) -> dict:
         return finding_auc(score(xte), yte, labels)
 
 
-def probe_patch_lesion(ptr, ltr, pte, lte, yte_focal, seed: int) -> tuple[dict, dict]:
+def probe_patch_lesion(ptr: Tensor, ltr: Tensor, pte: Tensor, lte: Tensor, yte_focal: Tensor,
+                       seed: int) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     n_patches, dim = ptr.shape[1:]
     head = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.GELU(), torch.nn.Linear(256, len(LESION_TYPES)))
@@ -136,7 +140,7 @@ def _conv_block(c_in: int, c_out: int, stride: tuple[int, int, int] | int) -> to
 
 def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte: torch.Tensor, lte: torch.Tensor,
               yte_focal: torch.Tensor, patch: tuple[int, int, int], steps: int, seed: int,
-              batch: int = 8, log=print) -> tuple[dict, dict]:
+              batch: int = 8, log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """A from-scratch 3D CNN on the volumes (S, D, H, W) with per-patch targets (S, num_patches, types):
     stride 4 in z and 16 in-plane, so its output grid is the ViT's patch grid for 4x16x16 patches.
     Returns (per-patch AUC, study-level AUC of the max over patches), both held out."""
