@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgevlm.bench.fingerprint import environment
-from edgevlm.checkpoint import load_checkpoint
+from edgevlm.checkpoint import atomic_write, load_checkpoint
 from edgevlm.train import (
     HELDOUT_SEED_START,
     LESION_TYPES,
@@ -46,6 +46,7 @@ from edgevlm.train import (
     finding_labels,
     finding_targets,
     lesion_patch_targets,
+    mean_volume_of,
     render_study,
 )
 
@@ -149,8 +150,7 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
     types = ltr.shape[-1]
     net = torch.nn.Sequential(_conv_block(1, 16, (1, 2, 2)), _conv_block(16, 32, 2), _conv_block(32, 48, 2),
                               _conv_block(48, 64, (1, 2, 2)), torch.nn.Conv3d(64, types, 1))
-    # Centred input, as the training loop does for the ViT (summed in fp32 without an fp32 copy of vtr).
-    mean = vtr.sum(0, dtype=torch.float32) / len(vtr)
+    mean = mean_volume_of(list(vtr))  # centred input, as the training loop centres the ViT's
 
     def logits(v: torch.Tensor) -> torch.Tensor:  # (B, D, H, W) -> (B, num_patches, types), raster order
         return net((v.float() - mean)[:, None]).flatten(2).transpose(1, 2)
@@ -245,10 +245,7 @@ def main() -> None:
         print(f"per-patch AUC of the CNN reference ({cnn['steps']} steps, {cnn['train_s']:.0f} s):",
               cnn["per_patch_auc"])
     out = args.out or Path(__file__).parent / "results" / f"probe-encoder-{cfg.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     print(f"wrote {out}")
 
 

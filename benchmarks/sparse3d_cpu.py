@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from edgevlm.kernels import SparseSpec, attention_blocks, attention_reference
 
 from edgevlm.bench.fingerprint import environment
+from edgevlm.checkpoint import atomic_write
 
 # name, grid, n_global, radius, block, heads, head_dim, foreground fraction
 SHAPES = [
@@ -85,10 +86,7 @@ def main() -> None:
               f"{r['max_abs_err']:9.1e}")
     result = {"benchmark": "sparse3d_cpu", "threads": args.threads, "repeats": args.repeats, "rows": rows,
               "environment": environment(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     print(json.dumps({"benchmark": "sparse3d_cpu", "blocks_vs_dense": [r["blocks_vs_dense"] for r in rows]}))
 
 
