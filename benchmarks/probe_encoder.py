@@ -45,17 +45,24 @@ from edgevlm.train import (
     finding_auc,
     finding_labels,
     finding_targets,
-    lesion_patch_targets,
+    lesion_voxel_masks,
     mean_volume_of,
+    patch_targets_from_masks,
     render_study,
 )
 
+DENSE_POOL = (2, 4, 4)  # the CNN's stride-(2, 4, 4) stage: 16 x 32 x 32 cells of 20 x 11 x 11 mm at the demo grid
 
-def _render(args: tuple[int, object]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-    seed, cfg = args
+
+def _render(args: tuple[int, object, bool]) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray | None]:
+    seed, cfg, dense = args
     torch.set_num_threads(1)
     volume, spec = render_study(seed, cfg)
-    return volume, finding_targets(spec), lesion_patch_targets(spec, volume, cfg)
+    masks = lesion_voxel_masks(spec, volume, cfg)
+    cells = None
+    if dense:
+        cells = F.max_pool3d(torch.from_numpy(masks).float()[None], DENSE_POOL)[0].to(torch.uint8).numpy()
+    return volume, finding_targets(spec), patch_targets_from_masks(masks, cfg), cells
 
 
 @torch.no_grad()
@@ -141,30 +148,48 @@ def _conv_block(c_in: int, c_out: int, stride: tuple[int, int, int] | int) -> to
 
 def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte: torch.Tensor, lte: torch.Tensor,
               yte_focal: torch.Tensor, patch: tuple[int, int, int], steps: int, seed: int,
-              batch: int = 8, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+              batch: int = 8, log: Callable[[str], None] = print,
+              dense_tr: torch.Tensor | None = None) -> tuple[dict, dict]:
     """A from-scratch 3D CNN on the volumes (S, D, H, W) with per-patch targets (S, num_patches, types):
     stride 4 in z and 16 in-plane, so its output grid is the ViT's patch grid for 4x16x16 patches.
+    `dense_tr` (S, types, D/2, H/4, W/4): also a dense head on the stride-(2, 4, 4) stage, trained on the
+    voxel lesion masks max-pooled to it (each cell 20 x 11 x 11 mm at the demo grid: a 9 mm nodule fills
+    about one), plus its own study-level max term; the study score stays the patch grid's max.
     Returns (per-patch AUC, study-level AUC of the max over patches), both held out."""
     assert tuple(patch) == (4, 16, 16), f"the CNN reference is built for 4x16x16 patches, got {patch}"
     torch.manual_seed(seed)
     types = ltr.shape[-1]
-    net = torch.nn.Sequential(_conv_block(1, 16, (1, 2, 2)), _conv_block(16, 32, 2), _conv_block(32, 48, 2),
-                              _conv_block(48, 64, (1, 2, 2)), torch.nn.Conv3d(64, types, 1))
+    stem = torch.nn.Sequential(_conv_block(1, 16, (1, 2, 2)), _conv_block(16, 32, 2))
+    net = torch.nn.Sequential(stem, _conv_block(32, 48, 2), _conv_block(48, 64, (1, 2, 2)),
+                              torch.nn.Conv3d(64, types, 1))
+    dense_head = torch.nn.Conv3d(32, types, 1) if dense_tr is not None else None
     mean = mean_volume_of(list(vtr))  # centred input, as the training loop centres the ViT's
 
     def logits(v: torch.Tensor) -> torch.Tensor:  # (B, D, H, W) -> (B, num_patches, types), raster order
         return net((v.float() - mean)[:, None]).flatten(2).transpose(1, 2)
 
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    def both(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (patch logits, dense logits)
+        cells = stem((v.float() - mean)[:, None])
+        return net[1:](cells).flatten(2).transpose(1, 2), dense_head(cells)
+
+    params = [*net.parameters(), *(dense_head.parameters() if dense_head is not None else [])]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     pos_weight = torch.tensor(20.0)  # lesion patches are ~0.1-1% of all patches
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(vtr), (batch,), generator=gen)
-        out = logits(vtr[idx])
+        if dense_head is None:
+            out = logits(vtr[idx])
+        else:
+            out, dense = both(vtr[idx])
         loss = (F.binary_cross_entropy_with_logits(out, ltr[idx], pos_weight=pos_weight)
                 + F.binary_cross_entropy_with_logits(out.amax(1), ytr_focal[idx]))
+        if dense_head is not None:
+            target = dense_tr[idx].float()
+            loss = loss + (F.binary_cross_entropy_with_logits(dense, target, pos_weight=pos_weight)
+                           + F.binary_cross_entropy_with_logits(dense.flatten(2).amax(2), ytr_focal[idx]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -187,6 +212,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cnn-steps", type=int, default=0,
                         help="also train the from-scratch CNN reference for this many steps (0: off)")
+    parser.add_argument("--cnn-dense", action="store_true",
+                        help="the CNN reference also learns the voxel lesion masks (a dense head at stride 2x4x4)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,11 +223,12 @@ def main() -> None:
     seeds = [*range(args.train_studies), *range(HELDOUT_SEED_START, HELDOUT_SEED_START + args.heldout_studies)]
     t0 = time.perf_counter()
     with Pool(args.threads) as pool:
-        rendered = pool.map(_render, [(s, cfg) for s in seeds], chunksize=8)
+        rendered = pool.map(_render, [(s, cfg, args.cnn_dense) for s in seeds], chunksize=8)
     render_s = time.perf_counter() - t0
     volumes = [r[0] for r in rendered]
     targets = torch.stack([r[1] for r in rendered])
     lesions = torch.from_numpy(np.stack([r[2] for r in rendered])).float()
+    dense = torch.from_numpy(np.stack([r[3] for r in rendered])) if args.cnn_dense else None
     t0 = time.perf_counter()
     patches, visual = encode(ckpt.model, volumes)
     encode_s = time.perf_counter() - t0
@@ -223,9 +251,10 @@ def main() -> None:
     if args.cnn_steps:
         t0 = time.perf_counter()
         cnn_patch, cnn_study = probe_cnn(volumes[:n], lesions[:n], ytr[:, focal], volumes[n:], lesions[n:],
-                                         yte[:, focal], cfg.vision.patch_size, args.cnn_steps, args.seed)
+                                         yte[:, focal], cfg.vision.patch_size, args.cnn_steps, args.seed,
+                                         dense_tr=dense[:n] if dense is not None else None)
         probes["cnn"] = cnn_study
-        cnn = {"steps": args.cnn_steps, "batch": 8, "per_patch_auc": cnn_patch,
+        cnn = {"steps": args.cnn_steps, "batch": 8, "per_patch_auc": cnn_patch, "dense_head": args.cnn_dense,
                "train_s": round(time.perf_counter() - t0, 1)}
     result = {
         "benchmark": "probe_encoder", "model": str(args.model), "model_name": cfg.name,

@@ -10,12 +10,15 @@ rewritten with edgevlm.export.quantize, exactly as `edgevlm export --precision .
 accuracy gates (a random model has no accuracy to keep; the gates are measured on the demo model:
 benchmarks/results/quantize-demo.json).
 
-Variants: vision fp32 | int8 (static QDQ, 2 calibration volumes); decoder fp32 | int8 nbits (MatMulNBits
+Variants: vision fp32 | int8 (static QDQ, 2 calibration volumes), both with the attention fused into
+com.microsoft.MultiHeadAttention as `edgevlm export --device cpu` writes them (edgevlm.export.fuse), and
+their plain-attention forms for reference (`--fused-attention off`, the TensorRT form; int8 with the
+int8 score rewrite); decoder fp32 | int8 nbits (MatMulNBits
 8-bit) | int8 dynamic (quantize_dynamic) | int4 (MatMulNBits 4-bit RTN, block 32, lm_head int8) |
 int4-all (lm_head int4 too). Each runs in its own subprocess (one model in memory: a clean peak RSS) with
 the same volume, prompt (BOS + 256 visual tokens + question) and thread count; generation makes exactly
---new-tokens steps. The int8 vision target is judged side by side: both encoders in one process, runs
-alternated (--vision-pairs each), the median of the per-pair ratios. Bandwidth bound: decode reads every
+--new-tokens steps. The int8 vision target is judged side by side: the four encoders in one process, runs
+interleaved (--vision-pairs each), the median of the per-pair ratios. Bandwidth bound: decode reads every
 weight once per token, so tokens/s <= read bandwidth / weight bytes per token; read bandwidth is measured
 here (a torch sum over 1 GiB on the same thread count, best of 5).
 """
@@ -76,6 +79,7 @@ def prepare(work: Path, layers: int) -> dict:
     import onnx
     import torch
     from edgevlm.export.bundle import export_decoder, export_vision, resolve_recipe
+    from edgevlm.export.fuse import fuse_attention
     from edgevlm.export.parity import parity_volumes
     from edgevlm.export.quantize import (
         SCHEMES,
@@ -97,16 +101,22 @@ def prepare(work: Path, layers: int) -> dict:
         with torch.no_grad():
             model.decoder.lm_head.weight.mul_(25.0)  # logits spread like a trained model's (export/testing.py)
             print("exporting vision / decoder fp32 graphs", flush=True)
-            export_vision(model, work / "vision-fp32.onnx", 18, "cpu", torch.float32)
+            export_vision(model, work / "vision-fp32-plain.onnx", 18, "cpu", torch.float32)
             export_decoder(model, work / "decoder-fp32.onnx", 18, "cpu", torch.float32)
         np.save(work / "embed.npy", model.decoder.embed_tokens.weight.detach().numpy())
         del model
+    if not (work / "vision-fp32.onnx").exists():  # what export_vision writes for --device cpu
+        graph = onnx.load(str(work / "vision-fp32-plain.onnx"))
+        fuse_attention(graph, cfg.vision.heads)
+        onnx.save(graph, str(work / "vision-fp32.onnx"))
     recipe = resolve_recipe(cfg)
-    if not (work / "vision-int8.onnx").exists():
-        print("vision int8 QDQ (2 calibration volumes)", flush=True)
-        vols, _ = parity_volumes(cfg, recipe, 2, seed=2_000_000)
-        quantize_vision_int8(work / "vision-fp32.onnx", work / "vision-int8.onnx", vols,
-                             resolve_int8_attention(QuantConfig(), "cpu"))
+    vols = None
+    for fused, name in ((True, "vision-int8.onnx"), (False, "vision-int8-plain.onnx")):
+        if not (work / name).exists():
+            print(f"vision int8 QDQ {name} (2 calibration volumes)", flush=True)
+            vols = vols if vols is not None else parity_volumes(cfg, recipe, 2, seed=2_000_000)[0]
+            source = work / ("vision-fp32.onnx" if fused else "vision-fp32-plain.onnx")
+            quantize_vision_int8(source, work / name, vols, resolve_int8_attention(QuantConfig(), "cpu", fused))
     fp32 = onnx.load(str(work / "decoder-fp32.onnx"))
     gemm_to_matmul(fp32)
     jobs = {"decoder-int8.onnx": ("int8", "int8", QuantConfig()),
@@ -169,9 +179,16 @@ def worker(args: argparse.Namespace) -> None:
                       "providers": backend.providers}))
 
 
+VISION_SIDE_BY_SIDE = {  # name: graph; "plain" = attention as standard ops (--fused-attention off, TensorRT)
+    "fp32": "vision-fp32.onnx", "int8": "vision-int8.onnx",
+    "fp32-plain": "vision-fp32-plain.onnx", "int8-plain": "vision-int8-plain.onnx",
+}
+
+
 def vision_pair_worker(args: argparse.Namespace) -> None:
-    """fp32 and int8 vision encoders in one process, runs alternated (the machine is shared and noisy: a
-    ratio of two separately timed processes moved by 10-20% between runs); prints one JSON line."""
+    """The fp32 and int8 vision encoders, fused attention (what `edgevlm export --device cpu` writes) and
+    plain, in one process, runs interleaved in a rotating order (the machine is shared and noisy: a ratio
+    of two separately timed processes moved by 10-20% between runs); prints one JSON line."""
     import onnxruntime as ort
     from edgevlm.export.bundle import resolve_recipe
     from edgevlm.export.parity import parity_volumes
@@ -181,21 +198,26 @@ def vision_pair_worker(args: argparse.Namespace) -> None:
     cfg = m3d_config(args.layers)
     options = session_options(args.threads)  # what OrtBackend gives the vision encoder
     work = Path(args.work)
-    sessions = {name: ort.InferenceSession(str(work / VARIANTS[name][0]), options, providers=["CPUExecutionProvider"])
-                for name in ("fp32", "int8")}
+    sessions = {name: ort.InferenceSession(str(work / graph), options, providers=["CPUExecutionProvider"])
+                for name, graph in VISION_SIDE_BY_SIDE.items()}
     vol, _ = parity_volumes(cfg, resolve_recipe(cfg), 1, seed=7)
     feed = {"volume": vol.astype("float32")}
     runs: dict[str, list[float]] = {name: [] for name in sessions}
     for session in sessions.values():  # warm-up
         session.run(None, feed)
+    names = list(sessions)
     for i in range(args.vision_repeats):
-        for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
             sessions[name].run(None, feed)
             runs[name].append((time.perf_counter() - t0) * 1000)
     ratios = [f / q for f, q in zip(runs["fp32"], runs["int8"], strict=True)]
+    plain = [f / q for f, q in zip(runs["fp32-plain"], runs["int8-plain"], strict=True)]
+    fusion = [p / f for p, f in zip(runs["fp32-plain"], runs["fp32"], strict=True)]
     print(json.dumps({"vision_ms": {k: statistics.median(v) for k, v in runs.items()}, "runs_ms": runs,
-                      "speedup_median_of_pairs": statistics.median(ratios), "speedup_pairs": ratios}))
+                      "speedup_median_of_pairs": statistics.median(ratios), "speedup_pairs": ratios,
+                      "plain_speedup_median_of_pairs": statistics.median(plain), "plain_speedup_pairs": plain,
+                      "fp32_fused_vs_plain_median": statistics.median(fusion)}))
 
 
 class _Cached:
@@ -300,9 +322,11 @@ def main() -> None:
               f"{s.get('layer_bytes_ratio', 0):>12.3f}{s.get('bundle_bytes_ratio', 0):>13.3f}"
               f"{r['peak_rss_mib'] or 0:>14.0f}")
     pair_ms = vision_pair["vision_ms"]
-    print(f"vision side by side ({args.vision_pairs} alternated runs each): fp32 {pair_ms['fp32']:.0f} ms, int8 "
+    print(f"vision side by side ({args.vision_pairs} interleaved runs each): fp32 {pair_ms['fp32']:.0f} ms, int8 "
           f"{pair_ms['int8']:.0f} ms, int8 {vision_pair['speedup_median_of_pairs']:.2f}x fp32 (median of pairs; "
-          f"target >= 1.8x)")
+          f"target >= 1.8x); plain attention (TensorRT form): fp32 {pair_ms['fp32-plain']:.0f} ms, int8 "
+          f"{pair_ms['int8-plain']:.0f} ms, {vision_pair['plain_speedup_median_of_pairs']:.2f}x; fused fp32 "
+          f"{vision_pair['fp32_fused_vs_plain_median']:.2f}x plain fp32")
     record = {
         "benchmark": "quantize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

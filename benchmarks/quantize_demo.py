@@ -1,8 +1,9 @@
 """Accuracy gates of the quantized words on the trained demo model: fp32 / int8 / int4 / auto bundles,
 plus a deliberately broken calibration (int8 calibrated on air-only volumes; it fails the gate of the
 tiny test model, tests/export, but the demo teacher's activation ranges come mostly from its position
-table and survive it), other calibration methods, int4 at block size 16, and the vision attention scores
-left in float (`--int8-attention float`).
+table and survive it), other calibration methods, int4 at block size 16, and the vision attention left
+unfused with int8 scores (`--fused-attention off --int8-attention dynamic`, the CPU default before
+edgevlm.export.fuse).
 
     nice -n 19 python benchmarks/quantize_demo.py [--gate-studies 50] [--calib 32] [--out runs/quantize-demo]
     nice -n 19 python benchmarks/quantize_demo.py --model edgevlm/assets/demo-small.safetensors \
@@ -47,7 +48,8 @@ def summary(bundle: Path) -> dict:
 
 def extra_cases(asset: Path, out: Path, qcfg, results: dict) -> None:
     """The broken calibration (int8 calibrated on air-only volumes: what a folder of blank series would
-    give), the other calibration methods, int4 at block size 16 and float attention scores."""
+    give), the other calibration methods, int4 at block size 16, and the unfused attention graph with
+    int8 scores (`--fused-attention off --int8-attention dynamic`)."""
     import numpy as np
     from edgevlm.calibration import CalibrationSet, array_sha256
     from edgevlm.export import export_bundle
@@ -68,10 +70,10 @@ def extra_cases(asset: Path, out: Path, qcfg, results: dict) -> None:
     bundle = export_bundle(asset, out / "int4-block16", precision="int4", overwrite=True,
                            quant=dataclasses.replace(qcfg, int4_block_size=16))
     results["int4 (block size 16)"] = summary(bundle)
-    for word in ("int8", "int4"):
-        bundle = export_bundle(asset, out / f"{word}-float-attention", precision=word, overwrite=True,
-                               quant=dataclasses.replace(qcfg, int8_attention="float"))
-        results[f"{word} (float attention scores)"] = summary(bundle)
+    for word in ("int8", "int4"):  # the plain attention graph with int8 scores (the pre-fusion CPU default)
+        bundle = export_bundle(asset, out / f"{word}-int8-scores", precision=word, overwrite=True,
+                               fused_attention="off", quant=dataclasses.replace(qcfg, int8_attention="dynamic"))
+        results[f"{word} (unfused attention, int8 scores)"] = summary(bundle)
 
 
 def main() -> None:

@@ -147,18 +147,28 @@ def lesion_patch_targets(spec: Any, volume: np.ndarray, cfg: MedVLMConfig) -> np
     exactly what the encoder sees (partial volume, clipping to the lung, pneumothorax shapes).
     `volume` is the study's own render at the model grid (the cached fp16 one is precise enough).
     """
-    import dataclasses
+    return patch_targets_from_masks(lesion_voxel_masks(spec, volume, cfg), cfg)
 
+
+def patch_targets_from_masks(masks: np.ndarray, cfg: MedVLMConfig) -> np.ndarray:
+    """(types, D, H, W) voxel masks -> (num_patches, types) uint8: a patch counts if any voxel does."""
     from edgevlm.models.vision import patchify
 
-    out = np.zeros((cfg.vision.num_patches, len(LESION_TYPES)), dtype=np.uint8)
+    patches = patchify(torch.from_numpy(masks)[:, None], cfg.vision.patch_size).any(-1)  # (types, N)
+    return patches.T.numpy().astype(np.uint8)
+
+
+def lesion_voxel_masks(spec: Any, volume: np.ndarray, cfg: MedVLMConfig) -> np.ndarray:
+    """(len(LESION_TYPES), D, H, W) bool at the model grid: the voxels each focal finding type moves by
+    more than LESION_DELTA (the study rendered again without that type; see lesion_patch_targets)."""
+    import dataclasses
+
+    volume = np.asarray(volume, np.float32)
+    out = np.zeros((len(LESION_TYPES), *volume.shape), dtype=bool)
     for j, kind in enumerate(LESION_TYPES):
-        if not any(f.type == kind for f in spec.findings):
-            continue
-        without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != kind])
-        moved = np.abs(np.asarray(volume, np.float32) - render_spec(without, cfg)) > LESION_DELTA
-        patches = patchify(torch.from_numpy(moved)[None, None], cfg.vision.patch_size).any(-1)[0]
-        out[:, j] = patches.numpy()
+        if any(f.type == kind for f in spec.findings):
+            without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != kind])
+            out[j] = np.abs(volume - render_spec(without, cfg)) > LESION_DELTA
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgevlm.export.fuse import FUSED_ATTENTION_MODES, resolve_fused_attention
 from edgevlm.export.graphs import DecoderStep, VisionGraph, cache_names
 from edgevlm.export.parity import ParityConfig, measure_parity
 from edgevlm.export.quantize import QUANTIZED, SCHEMES, QuantConfig, resolve_int8_attention
@@ -70,6 +71,7 @@ class ExportOptions:
     overwrite: bool = False
     parity: ParityConfig = field(default_factory=ParityConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)  # int8 | int4 | auto only
+    fused_attention: str = "auto"  # vision attention as onnxruntime's MultiHeadAttention: auto | on | off
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -79,6 +81,9 @@ class ExportOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise EdgeVLMError("--device cuda: PyTorch sees no CUDA device here; export with --device cpu "
                                "(the bundle runs on any onnxruntime provider either way)")
+        if self.fused_attention not in FUSED_ATTENTION_MODES:
+            raise EdgeVLMError(f"--fused-attention must be one of {', '.join(FUSED_ATTENTION_MODES)}, "
+                               f"got {self.fused_attention!r}")
         if not 17 <= self.opset <= 23:
             raise EdgeVLMError(f"--opset must be within 17..23 (the dynamo exporter's range), got {self.opset}")
 
@@ -119,12 +124,26 @@ def _onnx_export(module: torch.nn.Module, args: tuple, names: list[str], outputs
         raise EdgeVLMError(f"ONNX export of {path.name} failed ({type(e).__name__}: {first})") from e
 
 
-def export_vision(model: MedVLM, path: Path, opset: int, device: str, dtype: torch.dtype) -> None:
+def export_vision(model: MedVLM, path: Path, opset: int, device: str, dtype: torch.dtype,
+                  fused_attention: bool = False) -> int:
+    """Write vision.onnx; with `fused_attention`, its unmasked attentions as onnxruntime's
+    MultiHeadAttention (edgevlm.export.fuse). Returns the number of attentions fused."""
     from torch.export import Dim
 
     example = torch.randn(EXAMPLE_BATCH, 1, *model.cfg.vision.image_size, device=device, dtype=dtype)
     batch = Dim("batch", min=1, max=1024)
     _onnx_export(VisionGraph(model), (example,), ["volume"], ["visual"], {"volume": {0: batch}}, opset, path)
+    if not fused_attention:
+        return 0
+    import onnx
+    from edgevlm.export.fuse import fuse_attention
+
+    graph = onnx.load(str(path))
+    fused = fuse_attention(graph, model.cfg.vision.heads)
+    if fused:
+        external = graph.ByteSize() > 2**31 - 1  # protobuf's limit: large encoders keep weights beside the graph
+        onnx.save(graph, str(path), save_as_external_data=external, location=f"{path.name}.data")
+    return fused
 
 
 def export_decoder(model: MedVLM, path: Path, opset: int, device: str, dtype: torch.dtype) -> None:
@@ -209,7 +228,9 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     t0 = time.perf_counter()
     on_step("exporting vision.onnx")
     with torch.no_grad():
-        export_vision(source, folder / VISION_FILE, options.opset, options.device, dtype)
+        fused = export_vision(source, folder / VISION_FILE, options.opset, options.device, dtype,
+                              resolve_fused_attention(options.fused_attention, options.device,
+                                                      options.quant.int8_attention))
     on_step("exporting decoder.onnx")
     with torch.no_grad():
         export_decoder(source, folder / DECODER_FILE, options.opset, options.device, dtype)
@@ -251,7 +272,9 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
         "special_ids": {"image": ids.image, "bos": ids.bos, "stop": list(ids.stop), "pad": ids.pad},
         "graphs": {
             "vision": {"file": VISION_FILE, "inputs": {"volume": ["batch", 1, *cfg.vision.image_size]},
-                       "outputs": {"visual": ["batch", cfg.num_visual_tokens, d.dim]}},
+                       "outputs": {"visual": ["batch", cfg.num_visual_tokens, d.dim]},
+                       "attention": {"fused": fused, "op": "com.microsoft.MultiHeadAttention"} if fused
+                       else {"fused": 0, "op": "standard ONNX ops"}},
             "decoder": {
                 "file": DECODER_FILE,
                 "inputs": {"embeds": ["batch", "seq", d.dim], "input_pos": ["seq"], "rope_pos": ["batch", "seq"],
@@ -290,7 +313,7 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
                   config: Any = None, opset: int = DEFAULT_OPSET, tokenizer_json: str | None = None,
                   overwrite: bool = False, parity: ParityConfig | None = None,
                   on_step: Callable[[str], None] | None = None, quant: QuantConfig | None = None,
-                  calibration: Any = None, from_: str | None = None) -> Path:
+                  calibration: Any = None, from_: str | None = None, fused_attention: str = "auto") -> Path:
     """Export a checkpoint to a bundle folder `out_dir`, atomically; returns the bundle path.
 
     `config`: a MedVLMConfig / JSON file / preset for checkpoints that carry none. `tokenizer_json`:
@@ -300,8 +323,10 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
     accuracy gate (edgevlm.export.gates) and `quant.allow_degradation` is off. `calibration`: a prebuilt
     edgevlm.calibration.CalibrationSet instead of `quant.calib`.
     """
+    quant = quant or QuantConfig()
+    fused = resolve_fused_attention(fused_attention, device, quant.int8_attention)  # checks the pair first
     options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(),
-                            resolve_int8_attention(quant or QuantConfig(), device))
+                            resolve_int8_attention(quant, device, fused), fused_attention)
     on_step = on_step or (lambda _msg: None)
     out = Path(out_dir)
     if out.exists() and not options.overwrite:

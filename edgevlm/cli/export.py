@@ -29,8 +29,12 @@ def export(
     int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | hqq."),
     int8_decoder: str = typer.Option("nbits", "--int8-decoder", help="nbits (weight-only) | dynamic."),
     int8_attention: str = typer.Option("auto", "--int8-attention", help="int8 vision attention scores: "
-                                       "dynamic (scales per call; onnxruntime CPU) | float (TensorRT) | auto "
-                                       "(dynamic for --device cpu, float for cuda)."),
+                                       "dynamic (scales per call; onnxruntime CPU, plain attention graph) | "
+                                       "float | auto (float where the attention is fused or on cuda, else "
+                                       "dynamic)."),
+    fused_attention: str = typer.Option("auto", "--fused-attention", help="vision attention as onnxruntime's "
+                                        "fused MultiHeadAttention: on | off (standard ops, for TensorRT) | auto "
+                                        "(on for --device cpu)."),
     symmetric_activations: bool = typer.Option(False, "--symmetric-activations",
                                                help="int8 vision activations with zero point 0 (TensorRT)."),
     gate_studies: str = typer.Option("synthetic:16", "--gate-studies", help="Held-out studies for the accuracy "
@@ -53,7 +57,7 @@ def export(
             raise EdgeVLMError("tokenizer file not found", tokenizer)
         tokenizer_json = tokenizer.read_text()
     path = export_bundle(model, out, precision=precision, device=device, config=config, opset=opset, from_=from_,
-                         tokenizer_json=tokenizer_json, overwrite=overwrite,
+                         tokenizer_json=tokenizer_json, overwrite=overwrite, fused_attention=fused_attention,
                          parity=ParityConfig(max_new_tokens=parity_tokens),
                          on_step=lambda msg: err_console.print(f"[dim]{msg}[/]"),  # progress: stderr
                          quant=QuantConfig(calib=calib, calib_method=calib_method, int4_block_size=int4_block_size,

@@ -58,6 +58,11 @@ def session_options(threads: int | None) -> Any:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin after each Run by default and take the cores from whatever the process
+    # does next: the next study's preprocessing (torch) ran 2.5x slower after a generation (demo teacher,
+    # 2 threads: 40-47 -> 18.5 ms) and got the blame in per-stage timings. Spinning inside a Run, between
+    # ops, is kept: decode steps were as fast (174 vs 175 ms a report).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

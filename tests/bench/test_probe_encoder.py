@@ -78,3 +78,22 @@ def test_cnn_reference_learns_a_visible_lesion(monkeypatch):
     per_patch, study = probe.probe_cnn(vtr, ltr, ytr, vte, lte, yte, (4, 16, 16), steps=150, seed=0,
                                        log=lambda _msg: None)
     assert per_patch["blob"] > 0.9 and study["blob"] > 0.9, (per_patch, study)
+
+
+def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_labels(monkeypatch):
+    probe = _probe_module()
+    monkeypatch.setattr(probe, "LESION_TYPES", ("blob",))
+    gen = torch.Generator().manual_seed(2)
+    vtr, ltr, ytr = _blob_volumes(240, gen)
+    vte, lte, yte = _blob_volumes(80, gen)
+    # voxel masks of the blobs (where the volume was raised), pooled as _render pools them
+    mask = (vtr.float() > 0.9).float()[:, None]  # (S, 1, D, H, W): the +1.5 blobs, few noise voxels
+    dense = torch.nn.functional.max_pool3d(mask, probe.DENSE_POOL).to(torch.uint8)
+    per_patch, study = probe.probe_cnn(vtr, ltr, ytr, vte, lte, yte, (4, 16, 16), steps=150, seed=0,
+                                       log=lambda _msg: None, dense_tr=dense)
+    assert per_patch["blob"] > 0.9 and study["blob"] > 0.9, (per_patch, study)
+    # labels independent of the volumes: the same CNN must report chance on held-out studies
+    perm = torch.randperm(len(vtr), generator=gen)
+    _, study_shuffled = probe.probe_cnn(vtr, ltr[perm], ytr[perm], vte, lte, yte, (4, 16, 16), steps=150,
+                                        seed=0, log=lambda _msg: None, dense_tr=dense[perm])
+    assert study_shuffled["blob"] < 0.75, study_shuffled

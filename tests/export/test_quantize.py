@@ -71,13 +71,10 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
                    and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[1]].dims) == 1
                    and inits[n.input[1]].dims[0] > 1]
     assert len(per_channel) >= 6
-    # the patch embedding's MatMul and the attention's weighted sum of values stay float, the scores are
-    # int8 with scales per call (quantize_vision_int8 and int8_attention_scores say why)
-    scores = [n for n in vis.graph.node if n.op_type == "MatMulInteger"]
-    assert len(scores) == quant_config().vision.depth
-    producers = {o: n.op_type for n in vis.graph.node for o in n.output}
-    assert all(producers[n.input[0]] == "DynamicQuantizeLinear" and producers[n.input[1]] == "QuantizeLinear"
-               for n in scores)
+    # the patch embedding's MatMul stays float, and so does the attention: fused into onnxruntime's
+    # MultiHeadAttention for --device cpu (edgevlm.export.fuse), so no int8 score rewrite
+    fused = [n for n in vis.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == quant_config().vision.depth and not [n for n in vis.graph.node if n.op_type == "MatMulInteger"]
     matmuls = [n for n in vis.graph.node if n.op_type == "MatMul"]
     quantized_weight = {n.name for n in matmuls if n.input[1] not in inits}  # weight arrives via DequantizeLinear
     dq_out = {n.output[0] for n in vis.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
@@ -85,15 +82,16 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
     float_linears = [n for n in matmuls if n.input[1] in inits]
     assert len(float_linears) == 1 and module_of(float_linears[0]).endswith("patch_embed")
     assert len(int8_linears) == len(per_channel) and quantized_weight
-    attention = [n for n in matmuls if n not in int8_linears and n not in float_linears]
-    assert attention and not any(i in dq_out for n in attention for i in n.input)
+    assert not [n for n in matmuls if n not in int8_linears and n not in float_linears]  # no unfused attention
+    assert not any(i in dq_out for n in fused for i in n.input)
     session = load_bundle(int4_bundle)
     assert session.table.dtype == np.float16  # embeddings stored fp16 (README: Precisions)
     r = session.generate(np.random.default_rng(0).random((8, 16, 16), dtype=np.float32), max_new_tokens=4)
     assert 1 <= r.n_new_tokens <= 4
     q = m["quantization"]
     assert q["decoder_plan"]["decoder.lm_head"] == "int8" and q["config"]["int4_block_size"] == 32
-    assert q["config"]["int8_attention"] == "dynamic"  # `auto` resolved for --device cpu, recorded as such
+    assert q["config"]["int8_attention"] == "float"  # `auto` resolved: the fused attention runs in float
+    assert m["graphs"]["vision"]["attention"]["fused"] == quant_config().vision.depth
     assert q["weight_bytes"]["decoder"]["layers"] < 0.2 * 4 * 2 * (4 * 128 * 128 + 3 * 128 * 256) + 4096
 
 

@@ -59,7 +59,11 @@ def test_kv_cache_is_allocated_once_and_reused(gqa_bundle):
 def test_threads_and_providers_are_applied_and_recorded(gqa_bundle):
     _, bundle = gqa_bundle
     session = load_bundle(bundle, threads=1)
-    assert session.backend.decoder.get_session_options().intra_op_num_threads == 1
+    for graph in (session.backend.vision, session.backend.decoder):
+        options = graph.get_session_options()
+        assert options.intra_op_num_threads == 1
+        # idle threads stop spinning after each Run (backends.session_options: they slowed preprocessing)
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert choose_providers() == ["CPUExecutionProvider"]  # no GPU provider in this environment
     with pytest.raises(EdgeVLMError, match="CUDAExecutionProvider"):
         choose_providers(["CUDAExecutionProvider"])
