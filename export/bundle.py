@@ -37,6 +37,7 @@ from edgevlm.export.fuse import FUSED_ATTENTION_MODES, resolve_fused_attention
 from edgevlm.export.graphs import DecoderStep, VisionGraph, cache_names
 from edgevlm.export.parity import ParityConfig, measure_parity
 from edgevlm.export.quantize import QUANTIZED, SCHEMES, QuantConfig, resolve_int8_attention
+from edgevlm.export.tensorrt import tensorrt_record
 
 from edgevlm import __version__
 from edgevlm.checkpoint import Checkpoint, atomic_write, load_checkpoint
@@ -296,6 +297,7 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
 
         manifest = quantize_bundle(ckpt, folder, manifest, options.precision, options.quant, tokenizer, recipe,
                                    on_step, calibration)
+    manifest["tensorrt"] = tensorrt_record({VISION_FILE: folder / VISION_FILE, DECODER_FILE: folder / DECODER_FILE})
     manifest["files"] = file_table(folder)
     return manifest
 

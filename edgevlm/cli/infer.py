@@ -39,6 +39,12 @@ def infer(
     with PeakMemory() as memory:
         session = load_bundle(bundle, backend=backend, threads=threads, checkpoint=checkpoint, quant=quant,
                               dtype=dtype)
+        if "TensorrtExecutionProvider" in session.providers:
+            from edgevlm.export.tensorrt import tensorrt_warning
+
+            note = tensorrt_warning(session.bundle.manifest.get("tensorrt"))
+            if note:
+                err_console.print(f"[bold yellow]warning:[/] {note}")
         if session.bundle.manifest.get("degraded"):
             failures = session.bundle.manifest.get("accuracy", {}).get("failures", [])
             err_console.print(f"[bold yellow]warning:[/] this bundle missed its accuracy gate at export and was "

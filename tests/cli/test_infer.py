@@ -153,3 +153,25 @@ def test_export_cli_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b"), "--precision", "int3"])
     assert "--precision" in _one_error_line(result, progress=True)
     assert not (tmp_path / "b").exists()
+
+
+def test_infer_warns_when_tensorrt_would_not_take_the_graphs(gqa_bundle, dicom_study, monkeypatch):
+    import edgevlm.runtime as runtime
+
+    real = runtime.load_bundle
+
+    def with_tensorrt(*args, **kwargs):  # mock: this onnxruntime has no TensorRT provider to register
+        session = real(*args, **kwargs)
+        session.backend.providers = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+        return session
+
+    monkeypatch.setattr(runtime, "load_bundle", with_tensorrt)
+    _, bundle = gqa_bundle
+    result = runner.invoke(app, ["infer", str(dicom_study), "--bundle", str(bundle), "--max-new-tokens", "2",
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "TensorRT will not take these nodes" in result.output and "MultiHeadAttention x2" in result.output
+    monkeypatch.setattr(runtime, "load_bundle", real)  # the CPU provider alone: no such warning
+    result = runner.invoke(app, ["infer", str(dicom_study), "--bundle", str(bundle), "--max-new-tokens", "2",
+                                 "--threads", "1"])
+    assert result.exit_code == 0 and "TensorRT" not in result.output, result.output
