@@ -11,6 +11,8 @@ import socket
 
 import pytest
 
+import edgevlm  # noqa: F401  first: sets onnxruntime's telemetry opt-out before any test module imports it
+
 
 class NetworkAccessError(RuntimeError):
     pass

@@ -55,6 +55,7 @@ def session_options(threads: int | None) -> Any:
     intra-op threads (None: onnxruntime's default)."""
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # Windows builds' ETW events; elsewhere edgevlm/__init__.py opts out
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -97,3 +97,14 @@ def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_lab
     _, study_shuffled = probe.probe_cnn(vtr, ltr[perm], ytr[perm], vte, lte, yte, (4, 16, 16), steps=150,
                                         seed=0, log=lambda _msg: None, dense_tr=dense[perm])
     assert study_shuffled["blob"] < 0.75, study_shuffled
+
+
+def test_isolated_blob_filter_scores_a_blob_and_not_a_tube_or_a_wall():
+    probe = _probe_module()
+    base = torch.zeros(12, 24, 24)
+    blob, tube, wall = base.clone(), base.clone(), base.clone()
+    blob[5:7, 10:13, 10:13] = 0.6  # a small nodule: dark all around, and 2 slices away
+    tube[:, 10:13, 10:13] = 0.6  # a vessel running through every slice
+    wall[:, :, 12:] = 0.6  # a chest wall: one side bright
+    scores = {name: probe.isolated_blob_score(v) for name, v in (("blob", blob), ("tube", tube), ("wall", wall))}
+    assert scores["blob"] > 0.5 and scores["tube"] < 0.05 and scores["wall"] < 0.05, scores
