@@ -18,6 +18,10 @@ read their held-out study-level ROC AUC per finding type:
   on the volumes for N steps with the same per-patch targets (plus a study-level max term), its study
   score the max over its patch grid. It tells whether a finding can be learnt from this input at all,
   and roughly what it takes, when the model's own tokens do not carry it.
+- `isolated_blob_filter`: no training, no model: `isolated_blob_score`, a hand-made nodule filter (a voxel
+  brighter than all its neighbours 5 voxels away in-plane and 2 slices away), its study score the max. If
+  the nodule-free studies score as high as those with a nodule, the input's nodules do not stand out from
+  what else the phantom draws at this grid, and no encoder can be blamed for missing them.
 Training studies are seeds 0.. (the training range), held-out ones from HELDOUT_SEED_START, rendered
 at the model grid (`render_study`). A probe AUC near 0.5 means the encoder, not the decoder, is what
 keeps that finding out of the reports. Writes benchmarks/results/probe-encoder-<model name>.json.
@@ -203,6 +207,19 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
             finding_auc(out.amax(1), yte_focal, LESION_TYPES))
 
 
+def isolated_blob_score(volume: torch.Tensor, radius: int = 5, z_gap: int = 2) -> float:
+    """A hand-made nodule filter, no training: the largest amount by which a voxel is brighter than every
+    voxel `radius` voxels away in-plane (8 directions) and `z_gap` slices above and below. An isolated
+    soft-tissue blob in lung scores its contrast; a wall, a boundary or a vessel running through the slab
+    scores little, since one of those neighbours is as bright. Tells whether the input's nodules stand
+    out from what the nodule-free studies hold, before any network is blamed."""
+    t = volume.float()
+    r = radius
+    shifts = [(0, r), (0, -r), (r, 0), (-r, 0), (r, r), (r, -r), (-r, r), (-r, -r)]
+    neighbours = [torch.roll(t, s, (1, 2)) for s in shifts] + [torch.roll(t, z_gap, 0), torch.roll(t, -z_gap, 0)]
+    return float((t - torch.stack(neighbours).amax(0)).amax())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("edgevlm/assets/demo-teacher.safetensors"))
@@ -232,6 +249,8 @@ def main() -> None:
     t0 = time.perf_counter()
     patches, visual = encode(ckpt.model, volumes)
     encode_s = time.perf_counter() - t0
+    # the hand-made filter needs no training: held-out studies only
+    blob = torch.tensor([[isolated_blob_score(torch.from_numpy(v))] for v in volumes[args.train_studies:]])
     # fp16 (S, D, H, W), kept only for the CNN reference
     volumes = torch.from_numpy(np.stack(volumes)).half() if args.cnn_steps else None
 
@@ -256,6 +275,7 @@ def main() -> None:
         probes["cnn"] = cnn_study
         cnn = {"steps": args.cnn_steps, "batch": 8, "per_patch_auc": cnn_patch, "dense_head": args.cnn_dense,
                "train_s": round(time.perf_counter() - t0, 1)}
+    probes["isolated_blob_filter"] = finding_auc(blob.expand(-1, len(focal)), yte[:, focal], LESION_TYPES)
     result = {
         "benchmark": "probe_encoder", "model": str(args.model), "model_name": cfg.name,
         "train_studies": n, "heldout_studies": args.heldout_studies, "heldout_first_seed": HELDOUT_SEED_START,
