@@ -20,8 +20,8 @@ read their held-out study-level ROC AUC per finding type:
   and roughly what it takes, when the model's own tokens do not carry it.
 - `isolated_blob_filter`: no training, no model: `isolated_blob_score`, a hand-made nodule filter (a voxel
   brighter than all its neighbours 5 voxels away in-plane and 2 slices away), its study score the max. If
-  the nodule-free studies score as high as those with a nodule, the input's nodules do not stand out from
-  what else the phantom draws at this grid, and no encoder can be blamed for missing them.
+  the nodule-free studies score as high as those with a nodule, the nodules do not stand out by local
+  contrast from what else the phantom draws at this grid: an encoder must learn shape and context.
 Training studies are seeds 0.. (the training range), held-out ones from HELDOUT_SEED_START, rendered
 at the model grid (`render_study`). A probe AUC near 0.5 means the encoder, not the decoder, is what
 keeps that finding out of the reports. Writes benchmarks/results/probe-encoder-<model name>.json.
@@ -212,7 +212,7 @@ def isolated_blob_score(volume: torch.Tensor, radius: int = 5, z_gap: int = 2) -
     voxel `radius` voxels away in-plane (8 directions) and `z_gap` slices above and below. An isolated
     soft-tissue blob in lung scores its contrast; a wall, a boundary or a vessel running through the slab
     scores little, since one of those neighbours is as bright. Tells whether the input's nodules stand
-    out from what the nodule-free studies hold, before any network is blamed."""
+    out by contrast alone from what the nodule-free studies hold."""
     t = volume.float()
     r = radius
     shifts = [(0, r), (0, -r), (r, 0), (-r, 0), (r, r), (r, -r), (-r, r), (-r, -r)]
