@@ -105,6 +105,10 @@ def prepare(work: Path, layers: int) -> dict:
             export_decoder(model, work / "decoder-fp32.onnx", 18, "cpu", torch.float32)
         np.save(work / "embed.npy", model.decoder.embed_tokens.weight.detach().numpy())
         del model
+    if (work / "vision-fp32.onnx").exists() and not (work / "vision-fp32-plain.onnx").exists():
+        (work / "vision-fp32.onnx").rename(work / "vision-fp32-plain.onnx")  # a work dir from before the fusion
+        for name in ("vision-int8.onnx", "vision-int8-plain.onnx"):
+            (work / name).unlink(missing_ok=True)
     if not (work / "vision-fp32.onnx").exists():  # what export_vision writes for --device cpu
         graph = onnx.load(str(work / "vision-fp32-plain.onnx"))
         fuse_attention(graph, cfg.vision.heads)

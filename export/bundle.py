@@ -142,7 +142,8 @@ def export_vision(model: MedVLM, path: Path, opset: int, device: str, dtype: tor
     graph = onnx.load(str(path))
     fused = fuse_attention(graph, model.cfg.vision.heads)
     if fused:
-        external = graph.ByteSize() > 2**31 - 1  # protobuf's limit: large encoders keep weights beside the graph
+        # protobuf's 2 GB limit: large encoders keep their weights beside the graph, as the exporter does
+        external = sum(len(init.raw_data) for init in graph.graph.initializer) > 2**31 - 2**26
         onnx.save(graph, str(path), save_as_external_data=external, location=f"{path.name}.data")
     return fused
 

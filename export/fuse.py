@@ -116,6 +116,11 @@ def fuse_attention(model: Any, num_heads: int) -> int:
         k = k_t
         while k in producer and producer[k].op_type in _LAYOUT_OPS and k not in initializers:
             k = producer[k].input[0]
+        k_side = _scaled_operand(initializers, k, producer)  # a scale applied before the transpose
+        if k_side is None:
+            continue
+        k, s_pre = k_side
+        s_k *= s_pre
         shape_q, shape_k, shape_kt, shape_v = (_shape(value_info, n) for n in (q, k, k_t, v))
         if (shape_q is None or len(shape_q) != 4 or shape_q[1] != num_heads or shape_k != shape_q
                 or not _compatible(shape_kt, [*shape_q[:2], shape_q[3], shape_q[2]])

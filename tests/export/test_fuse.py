@@ -91,3 +91,28 @@ def test_fused_attention_modes_resolve_per_device_and_int8_choice() -> None:
     # fused float attention replaces the int8 score rewrite on the CPU; without fusion it stays dynamic
     assert resolve_int8_attention(QuantConfig(), "cpu", fused_attention=True).int8_attention == "float"
     assert resolve_int8_attention(QuantConfig(), "cpu", fused_attention=False).int8_attention == "dynamic"
+
+
+def test_scales_before_and_after_the_key_transpose_are_both_kept() -> None:
+    """softmax((q*s) (k*s)^T) v with k's scale applied before its transpose: the fused op's scale is s*s."""
+    from onnx import TensorProto, helper
+
+    shape = [1, 2, 8, 4]
+    s = onnx.numpy_helper.from_array(np.array(0.7, np.float32), "s")
+    nodes = [helper.make_node("Mul", ["k", "s"], ["k_s"]),
+             helper.make_node("Transpose", ["k_s"], ["k_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("Mul", ["q", "s"], ["q_s"]), helper.make_node("MatMul", ["q_s", "k_t"], ["a"]),
+             helper.make_node("Softmax", ["a"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape) for x in "qkv"]
+    graph = helper.make_graph(nodes, "scaled", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                              [s])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert fuse_attention(model, num_heads=2) == 1
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal(shape) for _ in range(3))
+    scores = (q * 0.7) @ (k * 0.7).transpose(0, 1, 3, 2)  # float64 reference
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = (weights / weights.sum(-1, keepdims=True)) @ v
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"q": q.astype(np.float32), "k": k.astype(np.float32), "v": v.astype(np.float32)})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-5)
