@@ -85,7 +85,9 @@ def fuse_attention(model: Any, num_heads: int) -> int:
     `scale`. The node's inputs are q, k, v moved to (B, N, heads * head_dim); its output is moved back
     to (B, heads, N, head_dim) for the original consumers (onnxruntime's transpose optimizer then
     cancels the following Transpose). Returns the number of attentions fused; nodes left unused are
-    removed. Shapes come from the exporter's value_info: nothing is fused where they are missing.
+    removed. Shapes come from the exporter's value_info: nothing is fused where they are missing. The
+    layout chain from k to k^T is matched by its ends' shapes, not proven a transpose: export_bundle's
+    parity gate compares the rewritten graph with PyTorch before anything is written.
     """
     from onnx import helper, numpy_helper
 
