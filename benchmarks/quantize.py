@@ -12,8 +12,8 @@ benchmarks/results/quantize-demo.json).
 
 Variants: vision fp32 | int8 (static QDQ, 2 calibration volumes), both with the attention fused into
 com.microsoft.MultiHeadAttention as `edgevlm export --device cpu` writes them (edgevlm.export.fuse), and
-their plain-attention forms for reference (`--fused-attention off`, the TensorRT form; int8 with the
-int8 score rewrite); decoder fp32 | int8 nbits (MatMulNBits
+their plain-attention forms for reference (`--fused-attention off`: attention as standard ops, as for
+TensorRT; int8 with the int8 score rewrite); decoder fp32 | int8 nbits (MatMulNBits
 8-bit) | int8 dynamic (quantize_dynamic) | int4 (MatMulNBits 4-bit RTN, block 32, lm_head int8) |
 int4-all (lm_head int4 too). Each runs in its own subprocess (one model in memory: a clean peak RSS) with
 the same volume, prompt (BOS + 256 visual tokens + question) and thread count; generation makes exactly
