@@ -230,9 +230,9 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     t0 = time.perf_counter()
     on_step("exporting vision.onnx")
     with torch.no_grad():
+        int8_attention = options.quant.int8_attention if options.precision in QUANTIZED else "auto"
         fused = export_vision(source, folder / VISION_FILE, options.opset, options.device, dtype,
-                              resolve_fused_attention(options.fused_attention, options.device,
-                                                      options.quant.int8_attention))
+                              resolve_fused_attention(options.fused_attention, options.device, int8_attention))
     on_step("exporting decoder.onnx")
     with torch.no_grad():
         export_decoder(source, folder / DECODER_FILE, options.opset, options.device, dtype)
@@ -327,7 +327,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
     edgevlm.calibration.CalibrationSet instead of `quant.calib`.
     """
     quant = quant or QuantConfig()
-    fused = resolve_fused_attention(fused_attention, device, quant.int8_attention)  # checks the pair first
+    # checks the pair first; int8 attention scores only exist in the quantized words
+    fused = resolve_fused_attention(fused_attention, device, quant.int8_attention if precision in QUANTIZED else "auto")
     options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(),
                             resolve_int8_attention(quant, device, fused), fused_attention)
     on_step = on_step or (lambda _msg: None)
