@@ -169,12 +169,11 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
     dense_head = torch.nn.Conv3d(32, types, 1) if dense_tr is not None else None
     mean = mean_volume_of(list(vtr))  # centred input, as the training loop centres the ViT's
 
-    def logits(v: torch.Tensor) -> torch.Tensor:  # (B, D, H, W) -> (B, num_patches, types), raster order
-        return net((v.float() - mean)[:, None]).flatten(2).transpose(1, 2)
-
-    def both(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (patch logits, dense logits)
+    def logits(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, D, H, W) -> ((B, num_patches, types) in raster order, dense logits or None)."""
         cells = stem((v.float() - mean)[:, None])
-        return net[1:](cells).flatten(2).transpose(1, 2), dense_head(cells)
+        dense = dense_head(cells) if dense_head is not None else None
+        return net[1:](cells).flatten(2).transpose(1, 2), dense
 
     params = [*net.parameters(), *(dense_head.parameters() if dense_head is not None else [])]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
@@ -184,13 +183,10 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(vtr), (batch,), generator=gen)
-        if dense_head is None:
-            out = logits(vtr[idx])
-        else:
-            out, dense = both(vtr[idx])
+        out, dense = logits(vtr[idx])
         loss = (F.binary_cross_entropy_with_logits(out, ltr[idx], pos_weight=pos_weight)
                 + F.binary_cross_entropy_with_logits(out.amax(1), ytr_focal[idx]))
-        if dense_head is not None:
+        if dense is not None:
             target = dense_tr[idx].float()
             loss = loss + (F.binary_cross_entropy_with_logits(dense, target, pos_weight=pos_weight)
                            + F.binary_cross_entropy_with_logits(dense.flatten(2).amax(2), ytr_focal[idx]))
@@ -202,7 +198,7 @@ def probe_cnn(vtr: torch.Tensor, ltr: torch.Tensor, ytr_focal: torch.Tensor, vte
             log(f"cnn step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     net.eval()
     with torch.no_grad():
-        out = torch.cat([logits(vte[i: i + 25]) for i in range(0, len(vte), 25)])
+        out = torch.cat([logits(vte[i: i + 25])[0] for i in range(0, len(vte), 25)])
     return (finding_auc(out.reshape(-1, types), lte.reshape(-1, types), LESION_TYPES),
             finding_auc(out.amax(1), yte_focal, LESION_TYPES))
 

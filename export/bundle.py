@@ -89,6 +89,11 @@ class ExportOptions:
             raise EdgeVLMError(f"--opset must be within 17..23 (the dynamo exporter's range), got {self.opset}")
 
 
+def _fused_attention(mode: str, device: str, precision: str, quant: QuantConfig) -> bool:
+    """resolve_fused_attention for one export: int8 attention scores only exist in the quantized words."""
+    return resolve_fused_attention(mode, device, quant.int8_attention if precision in QUANTIZED else "auto")
+
+
 def resolve_recipe(cfg: MedVLMConfig) -> Any:
     """The model's preprocessing Recipe (config.preprocess: a preset name or the recipe dict)."""
     from edgevlm.preprocess import Recipe, get_recipe
@@ -230,9 +235,9 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     t0 = time.perf_counter()
     on_step("exporting vision.onnx")
     with torch.no_grad():
-        int8_attention = options.quant.int8_attention if options.precision in QUANTIZED else "auto"
         fused = export_vision(source, folder / VISION_FILE, options.opset, options.device, dtype,
-                              resolve_fused_attention(options.fused_attention, options.device, int8_attention))
+                              _fused_attention(options.fused_attention, options.device, options.precision,
+                                               options.quant))
     on_step("exporting decoder.onnx")
     with torch.no_grad():
         export_decoder(source, folder / DECODER_FILE, options.opset, options.device, dtype)
@@ -327,8 +332,7 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, precision: s
     edgevlm.calibration.CalibrationSet instead of `quant.calib`.
     """
     quant = quant or QuantConfig()
-    # checks the pair first; int8 attention scores only exist in the quantized words
-    fused = resolve_fused_attention(fused_attention, device, quant.int8_attention if precision in QUANTIZED else "auto")
+    fused = _fused_attention(fused_attention, device, precision, quant)  # checks the pair first
     options = ExportOptions(precision, device, opset, overwrite, parity or ParityConfig(),
                             resolve_int8_attention(quant, device, fused), fused_attention)
     on_step = on_step or (lambda _msg: None)

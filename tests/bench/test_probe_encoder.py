@@ -69,23 +69,23 @@ def _blob_volumes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return v.half(), targets, y
 
 
-def test_cnn_reference_learns_a_visible_lesion(monkeypatch):
+def _blob_probe(monkeypatch, seed: int):
+    """The probe module with one lesion type, a generator, and blob studies: 240 training, 80 held out."""
     probe = _probe_module()
     monkeypatch.setattr(probe, "LESION_TYPES", ("blob",))
-    gen = torch.Generator().manual_seed(1)
-    vtr, ltr, ytr = _blob_volumes(240, gen)
-    vte, lte, yte = _blob_volumes(80, gen)
+    gen = torch.Generator().manual_seed(seed)
+    return probe, gen, _blob_volumes(240, gen), _blob_volumes(80, gen)
+
+
+def test_cnn_reference_learns_a_visible_lesion(monkeypatch):
+    probe, _, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, 1)
     per_patch, study = probe.probe_cnn(vtr, ltr, ytr, vte, lte, yte, (4, 16, 16), steps=150, seed=0,
                                        log=lambda _msg: None)
     assert per_patch["blob"] > 0.9 and study["blob"] > 0.9, (per_patch, study)
 
 
 def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_labels(monkeypatch):
-    probe = _probe_module()
-    monkeypatch.setattr(probe, "LESION_TYPES", ("blob",))
-    gen = torch.Generator().manual_seed(2)
-    vtr, ltr, ytr = _blob_volumes(240, gen)
-    vte, lte, yte = _blob_volumes(80, gen)
+    probe, gen, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, 2)
     # voxel masks of the blobs (where the volume was raised), pooled as _render pools them
     mask = (vtr.float() > 0.9).float()[:, None]  # (S, 1, D, H, W): the +1.5 blobs, few noise voxels
     dense = torch.nn.functional.max_pool3d(mask, probe.DENSE_POOL).to(torch.uint8)
