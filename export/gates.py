@@ -12,6 +12,9 @@ The reference is the fp32 ONNX export, itself held to PyTorch fp32 by the parity
 logits within 1e-3), so a difference here is the quantization's. The task gate needs a model that
 does the task: when fp32's finding F1 is below `MIN_REFERENCE_F1` (a random-weight test model) the
 retention ratio is meaningless and the task gate is recorded as not applicable; parity still gates.
+The verdict also says whether the gate set can resolve its threshold (`one_finding_f1_change`): with
+few true positives one flipped finding moves F1 by more than the tolerance, and a warning names a
+gate-set size that would.
 """
 
 from __future__ import annotations
@@ -144,14 +147,26 @@ def task_metrics(predict: Callable[[np.ndarray, list[str]], list[str]], studies:
         if on_study:
             on_study()
     m = evaluate_predictions(records)
-    return {"finding_f1": float(m["findings"]["micro"]["f1"]), "closed_accuracy": m["closed"]["accuracy"],
-            "n_studies": m["n_studies"], "n_closed": m["closed"]["n"]}
+    micro = m["findings"]["micro"]
+    return {"finding_f1": float(micro["f1"]), "closed_accuracy": m["closed"]["accuracy"],
+            "n_studies": m["n_studies"], "n_closed": m["closed"]["n"],
+            "tp": micro["tp"], "fp": micro["fp"], "fn": micro["fn"]}
+
+
+def one_finding_f1_change(tp: int, fp: int, fn: int) -> float:
+    """Relative F1 drop when one true positive becomes a false negative: the smallest change in finding F1
+    a gate set with these counts can show. When it exceeds a gate's tolerance (2% for int4), a single
+    flipped finding decides pass or fail, so the set is too small to resolve the threshold."""
+    if tp <= 0:
+        return 1.0
+    return 1.0 - (2 * (tp - 1) / (2 * tp - 1 + fp + fn)) / (2 * tp / (2 * tp + fp + fn))
 
 
 def judge(parity: dict[str, Any], task_q: dict[str, Any] | None, task_ref: dict[str, Any] | None,
           limit: GateThresholds) -> dict[str, Any]:
     """The manifest's gate verdict: failures named with their numbers."""
-    failures = []
+    failures: list[str] = []
+    warnings: list[str] = []
     if parity["vision_cosine_min"] < limit.vision_cosine_min:
         failures.append(f"vision cosine {parity['vision_cosine_min']:.4f} < {limit.vision_cosine_min}")
     if parity["logit_kl_mean"] > limit.kl_mean_max:
@@ -166,10 +181,22 @@ def judge(parity: dict[str, Any], task_q: dict[str, Any] | None, task_ref: dict[
             closed = (task_q["closed_accuracy"] / task_ref["closed_accuracy"]
                       if task_ref.get("closed_accuracy") else None)
             task = {"applicable": True, "f1_retention": retention, "closed_accuracy_retention": closed}
+            if "tp" in task_ref:
+                step = one_finding_f1_change(task_ref["tp"], task_ref["fp"], task_ref["fn"])
+                tolerance = 1.0 - limit.min_f1_retention
+                task["one_finding_f1_change"] = step
+                task["resolves_threshold"] = step <= tolerance
+                if step > tolerance:
+                    n = task_ref["n_studies"]
+                    # F1's step shrinks about as 1/tp, and tp grows with the studies.
+                    suggested = int(np.ceil(n * step / tolerance / 10.0)) * 10
+                    warnings.append(f"gate set too small to resolve {limit.min_f1_retention:.0%} F1 retention: one "
+                                    f"finding moves fp32's F1 by {step:.1%} ({task_ref['tp']} true positives in "
+                                    f"{n} studies); use about {suggested} gate studies")
             if retention < limit.min_f1_retention:
                 failures.append(f"finding F1 {task_q['finding_f1']:.4f} = {retention:.1%} of fp32's {ref_f1:.4f} "
                                 f"< {limit.min_f1_retention:.0%}")
         else:
             task["reason"] = f"fp32 finding F1 {ref_f1:.3f} < {MIN_REFERENCE_F1}: the model does not do the task"
     return {"thresholds": asdict(limit), "parity": parity, "task": {**task, "quantized": task_q, "fp32": task_ref},
-            "passed": not failures, "failures": failures}
+            "passed": not failures, "failures": failures, "warnings": warnings}

@@ -64,12 +64,17 @@ def _attention(attn: SelfAttention, x: Tensor, cos: Tensor, sin: Tensor, k_cache
     else:  # eager (torch backend): write the preallocated cache in place
         k_cache.scatter_(2, index, k)
         v_cache.scatter_(2, index, v)
-    k_all, v_all = k_cache, v_cache
     groups = cfg.n_heads // n_kv
-    if groups > 1:  # GQA: (B, n_kv, S, hd) -> (B, n_heads, S, hd)
-        k_all = k_all[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, cfg.n_heads, -1, hd)
-        v_all = v_all[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, cfg.n_heads, -1, hd)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    if groups > 1 and functional:
+        # GQA in standard ops without copying the cache: the `groups` query heads of each kv head are
+        # folded into the query axis, (B, n_heads, T, hd) -> (B, n_kv, groups*T, hd) (head h = kv*groups + g,
+        # row g*T + t), and the mask rows tiled to match. Expanding the cache to n_heads instead wrote
+        # and read a copy of every layer's whole cache per step.
+        q_fold = q.reshape(b, n_kv, groups * t, hd)
+        out = F.scaled_dot_product_attention(q_fold, k_cache, v_cache, attn_mask=mask.repeat(1, 1, groups, 1))
+        out = out.reshape(b, cfg.n_heads, t, hd)
+    else:  # eager: SDPA shares the kv heads itself
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=groups > 1)
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.q_dim)), k_cache, v_cache
 
 

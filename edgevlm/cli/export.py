@@ -81,6 +81,8 @@ def export(
             line += (f", finding F1 {task['quantized']['finding_f1']:.3f} ({task['f1_retention']:.1%} of fp32 "
                      f"{task['fp32']['finding_f1']:.3f})")
         console.print(line + f"  ({acc['gate_studies']})")
+        for warning in acc.get("warnings", []):
+            err_console.print(f"[bold yellow]warning:[/] accuracy gate: {warning}")
         if bundle.manifest.get("degraded"):
             err_console.print(f"[bold yellow]warning:[/] bundle is DEGRADED (written with --allow-degradation): "
                               f"{'; '.join(acc['failures'])}")

@@ -131,7 +131,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache: KVCache | None,
-                input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+                input_pos: Tensor | None, mask: Tensor | None, kv_len: int | None = None) -> Tensor:
         b, t, _ = x.shape
         hd, n_kv = self.cfg.head_dim, self.cfg.n_kv_heads
         if self.cfg.fused_qkv:
@@ -144,18 +144,23 @@ class SelfAttention(nn.Module):
         v = v.view(b, t, n_kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            # Write this step's keys/values at their slots; attend over the whole static cache.
+            # Write this step's keys/values at their slots, then attend over the slots written so far
+            # (`kv_len`; the slots after it are masked anyway) or, without it, the whole static cache.
             cache.k[layer].index_copy_(2, input_pos, k)
             cache.v[layer].index_copy_(2, input_pos, v)
             k, v = cache.k[layer], cache.v[layer]
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+                mask = None if mask is None else mask[..., :kv_len]
         groups = self.cfg.n_heads // n_kv
-        if groups > 1:  # GQA: (B, n_kv, S, hd) -> (B, n_heads, S, hd), explicit so it exports anywhere
-            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.cfg.n_heads, -1, hd)
-            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.cfg.n_heads, -1, hd)
+        # GQA: SDPA maps query head h to kv head h // groups itself. Expanding the kv heads first (the ONNX
+        # graphs do, export/graphs.py) copied the whole cache twice per layer and step: 0.1-0.2 ms a token
+        # of the demo teacher's 1.1.
+        gqa = groups > 1
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_dim))
 
 
@@ -187,8 +192,8 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache: KVCache | None,
-                input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, input_pos, mask)
+                input_pos: Tensor | None, mask: Tensor | None, kv_len: int | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, input_pos, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,7 +214,8 @@ class Decoder(nn.Module):
 
     def forward(self, embeds: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 rope_pos: Tensor | None = None, key_valid: Tensor | None = None,
-                rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None, kv_len: int | None = None,
+                last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab) for input embeddings (B, T, dim).
 
         Without a cache: plain causal attention over the T tokens (training, scoring).
@@ -218,6 +224,8 @@ class Decoder(nn.Module):
         (B, T) are the rotary positions, which differ from the slots when a prompt is left-padded.
         `rope` (cos, sin), each (B, 1, T, hd), and `mask` (B, 1, T, S) replace what rope_pos and key_valid
         would give: a caller that steps many times (`MedVLM.generate`) builds them once and passes views.
+        `kv_len`: with a cache, attend over slots [0, kv_len) only (every slot this call may see must lie
+        there). `last_only`: logits (B, 1, vocab) of the last position, all a generation step needs.
         """
         b, t, _ = embeds.shape
         if input_pos is None:
@@ -231,5 +239,5 @@ class Decoder(nn.Module):
             mask = attention_mask(input_pos, cache.max_seq_len, key_valid)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, input_pos, mask)
-        return self.lm_head(self.norm(x))
+            x = layer(x, cos, sin, i, cache, input_pos, mask, kv_len)
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))

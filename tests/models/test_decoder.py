@@ -36,6 +36,22 @@ def test_kv_cache_decoding_matches_full_forward(batch, variant):
     assert (stepped - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_decoding_over_the_written_prefix_matches_full_forward(n_kv_heads):
+    """kv_len (attend over the slots written so far) and last_only, as MedVLM.generate steps, in float64."""
+    dec = _decoder(n_kv_heads=n_kv_heads).double()
+    embeds = torch.randn(2, 20, 64, dtype=torch.float64)
+    with torch.no_grad():
+        full = dec(embeds)
+        cache = setup_cache(dec.cfg, 2, 64, dtype=torch.float64)
+        prefill = dec(embeds[:, :5], torch.arange(5), cache, kv_len=5, last_only=True)
+        steps = [dec(embeds[:, i:i + 1], torch.tensor([i]), cache, kv_len=i + 1, last_only=True) for i in range(5, 20)]
+    assert prefill.shape == (2, 1, 101)
+    stepped = torch.cat([prefill, *steps], dim=1)
+    assert torch.isfinite(stepped).all()
+    assert (stepped - full[:, 4:]).abs().max().item() <= 1e-10
+
+
 def test_left_padding_with_rope_positions_matches_unpadded():
     dec = _decoder()
     embeds = torch.randn(1, 10, 64)
