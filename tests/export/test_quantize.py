@@ -230,8 +230,9 @@ def test_bitsandbytes_is_imported_with_the_hub_switched_off(tmp_path: Path) -> N
     code = ("from edgevlm.export.bnb import import_bitsandbytes; import_bitsandbytes(); "
             "from bitsandbytes.cextension import lib; import bitsandbytes.functional as F; "
             "print('avx512bf16' if F.has_avx512bf16() else 'other')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    # Absolute: the child runs in tmp_path, and sys.executable is relative when python came from a relative PATH.
+    python = os.path.abspath(sys.executable)
+    out = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     if out.stdout.split()[-1] != "avx512bf16":
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not look for a Hub kernel here")
