@@ -157,9 +157,11 @@ def one_finding_f1_change(tp: int, fp: int, fn: int) -> float:
     """Relative F1 drop when one true positive becomes a false negative: the smallest change in finding F1
     a gate set with these counts can show. When it exceeds a gate's tolerance (2% for int4), a single
     flipped finding decides pass or fail, so the set is too small to resolve the threshold."""
+    from edgevlm.eval.clinical import _prf
+
     if tp <= 0:
         return 1.0
-    return 1.0 - (2 * (tp - 1) / (2 * tp - 1 + fp + fn)) / (2 * tp / (2 * tp + fp + fn))
+    return 1.0 - _prf(tp - 1, fp, fn + 1)["f1"] / _prf(tp, fp, fn)["f1"]
 
 
 def judge(parity: dict[str, Any], task_q: dict[str, Any] | None, task_ref: dict[str, Any] | None,
@@ -181,18 +183,17 @@ def judge(parity: dict[str, Any], task_q: dict[str, Any] | None, task_ref: dict[
             closed = (task_q["closed_accuracy"] / task_ref["closed_accuracy"]
                       if task_ref.get("closed_accuracy") else None)
             task = {"applicable": True, "f1_retention": retention, "closed_accuracy_retention": closed}
-            if "tp" in task_ref:
-                step = one_finding_f1_change(task_ref["tp"], task_ref["fp"], task_ref["fn"])
-                tolerance = 1.0 - limit.min_f1_retention
-                task["one_finding_f1_change"] = step
-                task["resolves_threshold"] = step <= tolerance
-                if step > tolerance:
-                    n = task_ref["n_studies"]
-                    # F1's step shrinks about as 1/tp, and tp grows with the studies.
-                    suggested = int(np.ceil(n * step / tolerance / 10.0)) * 10
-                    warnings.append(f"gate set too small to resolve {limit.min_f1_retention:.0%} F1 retention: one "
-                                    f"finding moves fp32's F1 by {step:.1%} ({task_ref['tp']} true positives in "
-                                    f"{n} studies); use about {suggested} gate studies")
+            step = one_finding_f1_change(task_ref["tp"], task_ref["fp"], task_ref["fn"])
+            tolerance = 1.0 - limit.min_f1_retention
+            task["one_finding_f1_change"] = step
+            task["resolves_threshold"] = step <= tolerance
+            if step > tolerance:
+                n = task_ref["n_studies"]
+                # F1's step shrinks about as 1/tp, and tp grows with the studies.
+                suggested = int(np.ceil(n * step / tolerance / 10.0)) * 10
+                warnings.append(f"gate set too small to resolve {limit.min_f1_retention:.0%} F1 retention: one "
+                                f"finding moves fp32's F1 by {step:.1%} ({task_ref['tp']} true positives in "
+                                f"{n} studies); use about {suggested} gate studies")
             if retention < limit.min_f1_retention:
                 failures.append(f"finding F1 {task_q['finding_f1']:.4f} = {retention:.1%} of fp32's {ref_f1:.4f} "
                                 f"< {limit.min_f1_retention:.0%}")

@@ -149,9 +149,8 @@ class SelfAttention(nn.Module):
             cache.k[layer].index_copy_(2, input_pos, k)
             cache.v[layer].index_copy_(2, input_pos, v)
             k, v = cache.k[layer], cache.v[layer]
-            if kv_len is not None:
+            if kv_len is not None:  # the mask is already that wide (Decoder.forward)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-                mask = None if mask is None else mask[..., :kv_len]
         groups = self.cfg.n_heads // n_kv
         # GQA: SDPA maps query head h to kv head h // groups itself (the ONNX graph folds the query heads
         # instead, export/graphs.py). Expanding the kv heads to n_heads copied the whole cache twice per
@@ -237,6 +236,8 @@ class Decoder(nn.Module):
         cos, sin = rope
         if cache is not None and mask is None:
             mask = attention_mask(input_pos, cache.max_seq_len, key_valid)
+        if kv_len is not None and mask is not None:
+            mask = mask[..., :kv_len]  # once here, not per layer
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, input_pos, mask, kv_len)

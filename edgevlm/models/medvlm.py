@@ -94,7 +94,7 @@ class MedVLM(nn.Module):
 
         def rows(i: int, j: int) -> dict:
             # Slots [i, j) see only slots < j: attention reads that prefix of the cache, not all of it.
-            mask = causal[:, :, i:j, :j] if padded is None else causal[:, :, i:j, :j] & padded[..., :j]
+            mask = causal[:, :, i:j] if padded is None else causal[:, :, i:j] & padded
             return {"rope": (cos[:, :, i:j], sin[:, :, i:j]), "mask": mask, "kv_len": j, "last_only": True}
 
         logits = self.decoder(self.embed(ids, visual, image_token_id), slots[:t], cache, **rows(0, t))
