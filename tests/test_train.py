@@ -208,3 +208,40 @@ def test_cell_targets_follow_the_spp_pooling_grid():
         assert cells.shape == (1, 16, 3) and cells.sum() == 1
         cd, ch, cw = d // pool[0], h // pool[1], w // pool[2]
         assert cells[0, (cd * cells_grid[1] + ch) * cells_grid[2] + cw, t] == 1
+
+
+def test_staged_recipe_trains_the_encoder_alone_then_freezes_it(tmp_path, tiny_model_json):
+    # Vision stage: every step sees all 6 training studies, so its loss must fall on the same data.
+    cfg = TrainConfig(model=str(tiny_model_json), steps=10, vision_steps=5, vision_batch_studies=6, vision_lr=3e-3,
+                      batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=1, n_train_studies=6, vocab_size=300,
+                      tokenizer_corpus_studies=40, eval_every=5, eval_studies=2, checkpoint_every=5, threads=2,
+                      autocast="bf16")
+    out = tmp_path / "run"
+    train(TrainConfig(**{**cfg.__dict__, "steps": 5}), out, log=lambda _: None)
+    after_vision = torch.load(out / "last.pt", weights_only=True)["model"]
+    train(cfg, out, log=lambda _: None)  # resumes at the stage boundary: the text stage
+    final = torch.load(out / "last.pt", weights_only=True)["model"]
+    history = json.loads((out / "history.json").read_text())
+    stages = [h.get("stage") for h in history]
+    assert stages == ["vision"] * 5 + [None] * 5
+    assert history[4]["loss"] < history[0]["loss"], history[:5]
+    assert set(history[4]["heldout_finding_auc"]) and "heldout_lesion_patch_auc" in history[4]
+    text = [h["loss"] for h in history[5:]]
+    assert text[-1] < text[0] - 0.3, text
+    vision_keys = [k for k in final if k.startswith("vision.")]
+    decoder_keys = [k for k in final if k.startswith("decoder.")]
+    assert vision_keys and decoder_keys
+    assert all(torch.equal(final[k], after_vision[k]) for k in vision_keys)  # frozen in the text stage
+    assert all(not torch.equal(final[k], after_vision[k]) for k in decoder_keys if k.endswith("weight"))
+
+
+def test_the_vision_stage_leaves_the_decoder_untouched(tmp_path, tiny_model_json):
+    cfg = TrainConfig(model=str(tiny_model_json), steps=3, vision_steps=3, vision_batch_studies=4, warmup_steps=1,
+                      n_train_studies=4, vocab_size=300, tokenizer_corpus_studies=40, eval_every=3, eval_studies=2,
+                      checkpoint_every=3, threads=2)
+    a = train(TrainConfig(**{**cfg.__dict__, "steps": 1, "vision_steps": 1}), tmp_path / "a", log=lambda _: None)
+    b = train(cfg, tmp_path / "b", log=lambda _: None)
+    first, third = load_checkpoint(a).model.state_dict(), load_checkpoint(b).model.state_dict()
+    # Same seed, same init: the decoder gets no gradient (nor weight decay) while the encoder learns.
+    assert all(torch.equal(first[k], third[k]) for k in first if k.startswith("decoder."))
+    assert any(not torch.equal(first[k], third[k]) for k in first if k.startswith("vision.blocks"))

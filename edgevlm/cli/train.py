@@ -36,6 +36,14 @@ def train_cmd(
     qa_position_jitter: int = typer.Option(256, "--qa-position-jitter",
                                            help="Train each QA 0..N rotary positions further from the image, so "
                                                 "the decoder reads it from anywhere in a report (0: off)."),
+    vision_steps: int = typer.Option(0, "--vision-steps",
+                                     help="Staged recipe: the first N steps train the encoder alone on the "
+                                          "finding/lesion heads, then it is frozen for the text stage (0: off).",
+                                     min=0),
+    vision_batch_studies: int = typer.Option(16, "--vision-batch-studies", help="Studies per vision-stage step."),
+    vision_lr: float = typer.Option(1e-3, "--vision-lr", help="Peak LR of the vision stage."),
+    autocast: str = typer.Option("auto", "--autocast",
+                                 help="auto: bf16 on cuda, fp32 on cpu; bf16: bf16 autocast on either; fp32."),
     n_train_studies: int = typer.Option(2400, "--train-studies", help="Distinct training studies (cached)."),
     lr: float = typer.Option(2e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -57,6 +65,8 @@ def train_cmd(
                       aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
                       report_loss=report_loss,
                       qa_position_jitter=qa_position_jitter, n_train_studies=n_train_studies,
+                      vision_steps=vision_steps, vision_batch_studies=vision_batch_studies, vision_lr=vision_lr,
+                      autocast=autocast,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
                       eval_studies=eval_studies)
     with _progress() as bar:
