@@ -716,6 +716,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
           log: Callable[[str], None] = print, progress: Callable[[int, int, dict], None] | None = None,
           evaluate: Callable[[MedVLM, Any, MedVLMConfig], dict] | None = None) -> Path:
     """Train and write `out_dir/model.safetensors`; resumable from `out_dir/last.pt`."""
+    # A bad value fails here, before anything is written, not after minutes of rendering.
+    autocast = autocast_context(cfg.autocast, torch.device(cfg.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -794,7 +796,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         heldout_lesions = torch.from_numpy(np.stack([
             lesion_patch_targets(sample_study(seed), vol[0].cpu().numpy(), model_cfg)
             for seed, vol in zip(heldout_seeds(cfg), heldout[0], strict=True)]))
-    autocast = autocast_context(cfg.autocast, device)
     order_rng = random.Random(cfg.seed * 7919 + start_step)
     text_rng = random.Random(cfg.seed * 104729 + start_step)
     train_findings = torch.stack([finding_targets(spec) for spec in specs])

@@ -245,3 +245,16 @@ def test_the_vision_stage_leaves_the_decoder_untouched(tmp_path, tiny_model_json
     # Same seed, same init: the decoder gets no gradient (nor weight decay) while the encoder learns.
     assert all(torch.equal(first[k], third[k]) for k in first if k.startswith("decoder."))
     assert any(not torch.equal(first[k], third[k]) for k in first if k.startswith("vision.blocks"))
+
+
+def test_a_bad_autocast_value_is_refused_before_anything_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgevlm.cli import app
+
+    result = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--autocast", "fp8"])
+    assert result.exit_code == 2 and "--autocast" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="autocast"):
+        train(TrainConfig(autocast="fp8"), tmp_path / "lib", log=lambda _: None)
+    assert not (tmp_path / "lib").exists()

@@ -61,6 +61,8 @@ def train_cmd(
     """
     from edgevlm.train import TrainConfig, train
 
+    if autocast not in ("auto", "bf16", "fp32"):
+        raise typer.BadParameter(f"must be auto, bf16 or fp32, got {autocast!r}", param_hint="--autocast")
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
                       aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
                       report_loss=report_loss,
