@@ -211,9 +211,14 @@ def cell_targets(patch_targets: torch.Tensor, grid: tuple[int, int, int], pool: 
 
 
 def lesion_loss(head: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-location multi-label BCE of a lesion head on its tokens (see `lesion_bce`)."""
+    return lesion_bce(head(tokens), targets)
+
+
+def lesion_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-location multi-label BCE (positives weighted: a nodule is 1-2 of 512 patches)."""
     pos_weight = torch.full((targets.shape[-1],), 20.0, device=targets.device)
-    return F.binary_cross_entropy_with_logits(head(tokens).float(), targets, pos_weight=pos_weight)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight)
 
 
 def study_texts(spec: Any, rng: random.Random, n_qa: int) -> tuple[tuple[str, str], list[tuple[str, str]]]:
@@ -483,8 +488,7 @@ def vision_stage_loss(model: MedVLM, volumes: torch.Tensor, finding_head: torch.
         if model.cfg.projector.kind == "spp":
             cells = cell_targets(lesions, model.cfg.vision.grid, model.cfg.projector.pool)
             cell_logits = lesion_heads.cell(visual).float()
-            pos_weight = torch.full((lesions.shape[-1],), 20.0, device=lesions.device)
-            loss = loss + F.binary_cross_entropy_with_logits(cell_logits, cells, pos_weight=pos_weight)
+            loss = loss + lesion_bce(cell_logits, cells)
             loss = loss + F.binary_cross_entropy_with_logits(cell_logits.amax(1), lesions.amax(1))
     return loss
 
@@ -824,76 +828,59 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
                 loss = vision_stage_loss(model, vols, aux_head, train_findings[batch].to(device),
                                          lesion_head if lesions is not None else None,
                                          None if lesions is None else lesions[batch].float().to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            record = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, cfg),
-                      "s_per_step": round(time.perf_counter() - t_step, 3), "stage": "vision"}
-            t_step = time.perf_counter()
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.vision_steps:
-                model.eval()
-                with torch.no_grad(), autocast:
-                    record.update(heldout_vision_metrics(model, heldout[0], aux_head, heldout_targets,
-                                                         lesion_head, heldout_lesions))
-                model.train()
-                log(f"step {step + 1} (vision stage): loss {record['loss']:.4f}, "
-                    f"held-out {json.dumps({k: v for k, v in record.items() if k.startswith('heldout')})}")
-            history.append(record)
-            if (step + 1) % cfg.log_every == 0:
-                log(f"step {step + 1}/{cfg.steps} (vision stage): loss {record['loss']:.4f}, "
-                    f"lr {record['lr']:.2e}, {record['s_per_step']:.2f} s/step")
-            if progress:
-                progress(step + 1, cfg.steps, record)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vision_steps:
-                save_state(step + 1)
-            continue
-        batch = order_rng.sample(range(len(specs)), cfg.batch_studies)
-        texts = [study_texts(specs[i], text_rng, cfg.qa_per_study) for i in batch]
-        args = make_batch([volumes[i] for i in batch], texts, tokenizer, model_cfg, ids, device)
-        with autocast:
-            aux = None
-            if cfg.aux_weight > 0:
-                targets = torch.stack([finding_targets(specs[i]) for i in batch]).to(device)
-                aux = (aux_head, targets, cfg.aux_weight)
-            qa_shift = qa_position_shifts(text_rng, *args[2][0].shape, model_cfg.decoder.max_seq_len,
-                                          cfg.qa_position_jitter)
-            lesion_aux = None
-            if lesions is not None:
-                lesion_aux = (lesion_head, lesions[batch].float().to(device), cfg.lesion_weight)
-            loss = loss_on(model, *args, aux=aux, sentence_ends=sentence_ends, qa_shift=qa_shift,
-                           lesion_aux=lesion_aux,
-                           patch_tokens=None if cached_tokens is None else cached_tokens[batch].to(device))
+        else:
+            batch = order_rng.sample(range(len(specs)), cfg.batch_studies)
+            texts = [study_texts(specs[i], text_rng, cfg.qa_per_study) for i in batch]
+            args = make_batch([volumes[i] for i in batch], texts, tokenizer, model_cfg, ids, device)
+            with autocast:
+                aux = None if cfg.aux_weight <= 0 else (aux_head, train_findings[batch].to(device), cfg.aux_weight)
+                qa_shift = qa_position_shifts(text_rng, *args[2][0].shape, model_cfg.decoder.max_seq_len,
+                                              cfg.qa_position_jitter)
+                lesion_aux = None
+                if lesions is not None:
+                    lesion_aux = (lesion_head, lesions[batch].float().to(device), cfg.lesion_weight)
+                loss = loss_on(model, *args, aux=aux, sentence_ends=sentence_ends, qa_shift=qa_shift,
+                               lesion_aux=lesion_aux,
+                               patch_tokens=None if cached_tokens is None else cached_tokens[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         record = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, cfg),
-                  "s_per_step": round(time.perf_counter() - t_step, 3)}
+                  "s_per_step": round(time.perf_counter() - t_step, 3), **({"stage": "vision"} if vision_stage else {})}
         t_step = time.perf_counter()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        stage_end = cfg.vision_steps if vision_stage else cfg.steps
+        tag = " (vision stage)" if vision_stage else ""
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == stage_end:
             model.eval()
-            with torch.no_grad():
-                record["heldout_loss"] = round(loss_on(model, *heldout, sentence_ends=sentence_ends).item(), 4)
-                if cfg.aux_weight > 0:
+            if vision_stage:
+                with torch.no_grad(), autocast:
                     record.update(heldout_vision_metrics(model, heldout[0], aux_head, heldout_targets,
                                                          lesion_head, heldout_lesions))
-            if evaluate is not None:
-                record["eval"] = evaluate(model, tokenizer, model_cfg)
+                log(f"step {step + 1}{tag}: loss {record['loss']:.4f}, "
+                    f"held-out {json.dumps({k: v for k, v in record.items() if k.startswith('heldout')})}")
+            else:
+                with torch.no_grad():
+                    record["heldout_loss"] = round(loss_on(model, *heldout, sentence_ends=sentence_ends).item(), 4)
+                    if cfg.aux_weight > 0:
+                        record.update(heldout_vision_metrics(model, heldout[0], aux_head, heldout_targets,
+                                                             lesion_head, heldout_lesions))
+                if evaluate is not None:
+                    record["eval"] = evaluate(model, tokenizer, model_cfg)
+                log(f"step {step + 1}: loss {record['loss']:.4f}, held-out loss {record['heldout_loss']:.4f}"
+                    + (f", finding-head AUC {json.dumps(record['heldout_finding_auc'])}"
+                       if "heldout_finding_auc" in record else "")
+                    + (f", lesion study AUC {json.dumps(record['heldout_lesion_study_auc'])}"
+                       if "heldout_lesion_study_auc" in record else "")
+                    + (f", eval {json.dumps(record['eval'])}" if "eval" in record else ""))
             model.train()
-            log(f"step {step + 1}: loss {record['loss']:.4f}, held-out loss {record['heldout_loss']:.4f}"
-                + (f", finding-head AUC {json.dumps(record['heldout_finding_auc'])}"
-                   if "heldout_finding_auc" in record else "")
-                + (f", lesion study AUC {json.dumps(record['heldout_lesion_study_auc'])}"
-                   if "heldout_lesion_study_auc" in record else "")
-                + (f", eval {json.dumps(record['eval'])}" if "eval" in record else ""))
         history.append(record)
         if (step + 1) % cfg.log_every == 0:
-            log(f"step {step + 1}/{cfg.steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+            log(f"step {step + 1}/{cfg.steps}{tag}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                 f"{record['s_per_step']:.2f} s/step")
         if progress:
             progress(step + 1, cfg.steps, record)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stage_end:
             save_state(step + 1)
 
     model.eval()
