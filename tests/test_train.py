@@ -62,6 +62,25 @@ def test_rendered_training_volume_matches_the_recipe_grid():
     assert spec.seed == 7
 
 
+def test_training_render_matches_the_native_path(monkeypatch):
+    """Training renders on the model grid; evaluation and deployment preprocess a native series. The two
+    must agree, partial volume included: a model trained on point-sampled volumes failed on native ones."""
+    from edgevlm.data import sample_study
+    from edgevlm.eval.runner import synthetic_studies
+    from edgevlm.models import PRESETS
+    from edgevlm.preprocess import preprocess
+    from edgevlm.train import model_recipe, render_spec
+
+    cfg = PRESETS["demo-tiny"]()
+    study = next(synthetic_studies(1, seed=HELDOUT_SEED_START + 1))  # 5 mm native slices: a quick render
+    native = preprocess(study.volume, model_recipe(cfg))
+    spec = sample_study(HELDOUT_SEED_START + 1)
+    error = float(np.abs(render_spec(spec, cfg) - native).mean())
+    monkeypatch.setattr("edgevlm.train.SUPERSAMPLE_MAX", (1, 1))
+    point_sampled = float(np.abs(render_spec(spec, cfg) - native).mean())
+    assert error < 0.008 and error < 0.85 * point_sampled, (error, point_sampled)
+
+
 def test_input_centering_folds_exactly_into_the_position_table(tiny_model_json):
     """Training-time centering (pos_embed - W mu) must bake into a plain ViT with the same outputs."""
     from edgevlm.models import MedVLM
@@ -131,6 +150,50 @@ def test_answer_weights_reproduce_the_training_loss_weighting():
     weights = answer_weights(labels(report_targets), empty).double()
     assert (weights * report_loss[report_targets != -100]).sum().item() == pytest.approx(
         report_loss[report_targets != -100].mean().item(), rel=1e-6)  # float32 weights
+
+
+def test_decoder_probe_adds_its_loss_at_the_answer_positions_and_reaches_the_image(tiny_model_json):
+    """loss_on's decoder probe: weight x the mean over reports and QAs of a BCE at every position that
+    predicts an answer token, recomputed here by hand; its gradient reaches the projector (through the
+    decoder's attention over the visual tokens)."""
+    import torch.nn.functional as F
+
+    from edgevlm.models import MedVLM
+    from edgevlm.train import DecoderProbe, loss_on
+
+    cfg = MedVLMConfig.from_json(tiny_model_json.read_text())
+    torch.manual_seed(0)
+    model, head = MedVLM(cfg).double(), DecoderProbe(cfg.decoder.dim, 5).double()
+    image, m = 9, cfg.num_visual_tokens
+    gen = torch.Generator().manual_seed(1)
+
+    def sequences(rows, width, prompt):
+        ids = torch.randint(10, cfg.decoder.vocab_size, (rows, width), generator=gen)
+        ids[:, :m] = image
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        labels[0, -3:] = -100  # right padding
+        return ids, labels
+
+    volumes = torch.rand(2, 1, *cfg.vision.image_size, generator=gen, dtype=torch.float64)
+    reports, (qa_ids, qa_labels) = sequences(2, m + 14, m + 4), sequences(3, m + 7, m + 5)
+    owner = torch.tensor([1, 0, 1])
+    targets = torch.randint(0, 2, (2, 5), generator=gen).double()
+    base = loss_on(model, volumes, reports, (qa_ids, qa_labels, owner), image)
+    with_probe = loss_on(model, volumes, reports, (qa_ids, qa_labels, owner), image, decoder_probe=(head, targets, 0.7))
+
+    visual = model.encode_image(volumes)
+    expected = []
+    for (ids, labels), vis, rows in ((reports, visual, targets), ((qa_ids, qa_labels), visual[owner], targets[owner])):
+        _, hidden = model.decoder(model.embed(ids, vis, image), return_hidden=True)
+        answer = labels[:, 1:] != -100
+        logits = head(hidden[:, :-1])[answer]
+        per_position = rows[:, None].expand(-1, answer.shape[1], -1)[answer]
+        expected.append(F.binary_cross_entropy_with_logits(logits, per_position))
+    probe = with_probe - base
+    assert probe.item() == pytest.approx(0.7 * torch.stack(expected).mean().item(), rel=1e-6)  # float32 logits
+    (grad,) = torch.autograd.grad(probe, model.projector.linear2.weight)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
 def test_text_rope_positions_move_only_the_text_after_the_image(tiny_model_json):
@@ -210,12 +273,14 @@ def test_cell_targets_follow_the_spp_pooling_grid():
         assert cells[0, (cd * cells_grid[1] + ch) * cells_grid[2] + cw, t] == 1
 
 
-def test_staged_recipe_trains_the_encoder_alone_then_freezes_it(tmp_path, tiny_model_json):
+# fp32 also covers the text stage reading the fp16 token cache; the probe also covers resuming its state.
+@pytest.mark.parametrize("autocast,probe_weight", [("bf16", 0.0), ("fp32", 1.0)])
+def test_staged_recipe_trains_the_encoder_alone_then_freezes_it(tmp_path, tiny_model_json, autocast, probe_weight):
     # Vision stage: every step sees all 6 training studies, so its loss must fall on the same data.
     cfg = TrainConfig(model=str(tiny_model_json), steps=10, vision_steps=5, vision_batch_studies=6, vision_lr=3e-3,
                       batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=1, n_train_studies=6, vocab_size=300,
                       tokenizer_corpus_studies=40, eval_every=5, eval_studies=2, checkpoint_every=5, threads=2,
-                      autocast="bf16")
+                      autocast=autocast, decoder_probe_weight=probe_weight)
     out = tmp_path / "run"
     train(TrainConfig(**{**cfg.__dict__, "steps": 5}), out, log=lambda _: None)
     after_vision = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -228,6 +293,7 @@ def test_staged_recipe_trains_the_encoder_alone_then_freezes_it(tmp_path, tiny_m
     assert set(history[4]["heldout_finding_auc"]) and "heldout_lesion_patch_auc" in history[4]
     text = [h["loss"] for h in history[5:]]
     assert text[-1] < text[0] - 0.3, text
+    assert ("heldout_decoder_probe_auc" in history[-1]) == (probe_weight > 0)
     vision_keys = [k for k in final if k.startswith("vision.")]
     decoder_keys = [k for k in final if k.startswith("decoder.")]
     assert vision_keys and decoder_keys

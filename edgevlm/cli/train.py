@@ -36,6 +36,9 @@ def train_cmd(
     qa_position_jitter: int = typer.Option(256, "--qa-position-jitter",
                                            help="Train each QA 0..N rotary positions further from the image, so "
                                                 "the decoder reads it from anywhere in a report (0: off)."),
+    decoder_probe_weight: float = typer.Option(1.0, "--decoder-probe-weight",
+                                               help="Weight of the training-only finding probe on the decoder's "
+                                                    "hidden states at the answer positions (0: off).", min=0.0),
     vision_steps: int = typer.Option(0, "--vision-steps",
                                      help="Staged recipe: the first N steps train the encoder alone on the "
                                           "finding/lesion heads, then it is frozen for the text stage (0: off).",
@@ -65,7 +68,7 @@ def train_cmd(
         raise typer.BadParameter(f"must be auto, bf16 or fp32, got {autocast!r}", param_hint="--autocast")
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
                       aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
-                      report_loss=report_loss,
+                      report_loss=report_loss, decoder_probe_weight=decoder_probe_weight,
                       qa_position_jitter=qa_position_jitter, n_train_studies=n_train_studies,
                       vision_steps=vision_steps, vision_batch_studies=vision_batch_studies, vision_lr=vision_lr,
                       autocast=autocast,

@@ -214,7 +214,7 @@ class Decoder(nn.Module):
     def forward(self, embeds: Tensor, input_pos: Tensor | None = None, cache: KVCache | None = None,
                 rope_pos: Tensor | None = None, key_valid: Tensor | None = None,
                 rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None, kv_len: int | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for input embeddings (B, T, dim).
 
         Without a cache: plain causal attention over the T tokens (training, scoring).
@@ -225,6 +225,7 @@ class Decoder(nn.Module):
         would give: a caller that steps many times (`MedVLM.generate`) builds them once and passes views.
         `kv_len`: with a cache, attend over slots [0, kv_len) only (every slot this call may see must lie
         there). `last_only`: logits (B, 1, vocab) of the last position, all a generation step needs.
+        `return_hidden`: (logits, the final normed hidden states lm_head reads), for training-only heads.
         """
         b, t, _ = embeds.shape
         if input_pos is None:
@@ -241,4 +242,6 @@ class Decoder(nn.Module):
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, input_pos, mask, kv_len)
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        hidden = self.norm(x[:, -1:] if last_only else x)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
