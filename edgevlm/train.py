@@ -111,8 +111,9 @@ def render_study(seed: int, cfg: MedVLMConfig) -> tuple[np.ndarray, Any]:
 
 
 # Sub-samples per grid voxel along z and in-plane (`render_spec`): measured against the native path on
-# held-out studies, (4, 2) cut the mean |difference| from 0.0097 to 0.0057 window units (p99.9 0.21 -> 0.14)
-# at 0.7 s a study; (8, 4) reached 0.0044 at 6 s.
+# held-out studies, (4, 2) cut the mean |difference| from 0.0097 to 0.0057 window units (p99.9 0.21 -> 0.14);
+# (8, 4) reached 0.0044 at ~10x the cost. A training render costs 0.27 s a study (median, render and
+# preprocess; 0.017 s point-sampled): `python benchmarks/render.py`.
 SUPERSAMPLE_MAX = (4, 2)
 
 
