@@ -324,21 +324,16 @@ def answer_outputs(model: MedVLM, visual: torch.Tensor, reports: tuple[torch.Ten
     computed once per study; `qa_shift` moves the QA text's rotary positions (`text_rope_positions`).
     Used by distillation (KL, feature matching); positions come out in `answer_weights`' order.
     """
-    hidden: list[torch.Tensor] = []  # lm_head's input: the final normed hidden states (B, T, dim)
-    hook = model.decoder.lm_head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     logits_k, hidden_k, targets_k = [], [], []
-    try:
-        for input_ids, labels, vis, shift in ((*reports, visual, None), (qas[0], qas[1], visual[qas[2]], qa_shift)):
-            if input_ids.shape[0] == 0:
-                continue
-            rope_pos = None if shift is None else text_rope_positions(input_ids, image_id, shift)
-            logits = model.decoder(model.embed(input_ids, vis, image_id), rope_pos=rope_pos)
-            answer = labels[:, 1:] != -100  # (B, T-1)
-            logits_k.append(logits[:, :-1][answer])
-            hidden_k.append(hidden[-1][:, :-1][answer])
-            targets_k.append(labels[:, 1:][answer])
-    finally:
-        hook.remove()
+    for input_ids, labels, vis, shift in ((*reports, visual, None), (qas[0], qas[1], visual[qas[2]], qa_shift)):
+        if input_ids.shape[0] == 0:
+            continue
+        rope_pos = None if shift is None else text_rope_positions(input_ids, image_id, shift)
+        logits, hidden = model.decoder(model.embed(input_ids, vis, image_id), rope_pos=rope_pos, return_hidden=True)
+        answer = labels[:, 1:] != -100  # (B, T-1)
+        logits_k.append(logits[:, :-1][answer])
+        hidden_k.append(hidden[:, :-1][answer])
+        targets_k.append(labels[:, 1:][answer])
     if not logits_k:
         vocab, dim = model.cfg.decoder.vocab_size, model.cfg.decoder.dim
         return visual.new_zeros(0, vocab), visual.new_zeros(0, dim), visual.new_zeros(0, dtype=torch.long)
