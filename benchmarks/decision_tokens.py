@@ -34,6 +34,17 @@ from edgevlm.preprocess import preprocess
 from edgevlm.train import REPORT_QUESTIONS, finding_auc, model_recipe
 
 
+def decision_positions(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, bool]]:
+    """(index of the answer's first token, finding present) for each impression line of `text`, in
+    `_IMPRESSION_SLOTS` order; `offsets` are the tokenizer's character spans of `text`'s tokens."""
+    out = []
+    for _, label in _IMPRESSION_SLOTS:
+        start = text.index(label + ":") + len(label) + 1
+        token = next(k for k, (a, _) in enumerate(offsets) if a >= start)
+        out.append((token, not text[start:].lstrip().startswith("none")))
+    return out
+
+
 @torch.no_grad()
 def decision_probs(ckpt, n_studies: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P(positive), truth, greedy says positive), each (n_studies, n_types) in `_IMPRESSION_SLOTS` order."""
@@ -55,12 +66,10 @@ def decision_probs(ckpt, n_studies: int, path: Path) -> tuple[np.ndarray, np.nda
         visual = model.encode_image(x)
         probs = model.decoder(model.embed(torch.tensor([prompt + enc.ids]), visual, ids.image))[0].float().softmax(-1)
         row_p, row_t, row_g = [], [], []
-        for _, label in _IMPRESSION_SLOTS:
-            start = text.index(label + ":") + len(label) + 1
-            j = next(k for k, (a, _) in enumerate(enc.offsets) if a >= start)  # first token of the answer
-            at = len(prompt) + j - 1  # the position whose logits predict it
+        for j, present in decision_positions(text, enc.offsets):
+            at = len(prompt) + j - 1  # the position whose logits predict answer token j
             row_p.append(1.0 - float(probs[at, none_id]))
-            row_t.append(not text[start:].lstrip().startswith("none"))
+            row_t.append(present)
             row_g.append(int(probs[at].argmax()) != none_id)
         p_pos.append(row_p)
         truth.append(row_t)
