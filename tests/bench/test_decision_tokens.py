@@ -3,27 +3,15 @@ and its summary must tell "ranked well but under-called" apart from "not seen"."
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from edgevlm.data import sample_study
 from edgevlm.data.reports import report_text
 from edgevlm.models.tokenizer import train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("decision_tokens", ROOT / "benchmarks" / "decision_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_decision_positions_land_on_each_impression_answer():
-    dt = _module()
+def test_decision_positions_land_on_each_impression_answer(benchmark_script):
+    dt = benchmark_script("decision_tokens")
     reports = [report_text(sample_study(seed), np.random.default_rng(seed)) for seed in range(60)]
     tok = train_tokenizer(reports, 600)
     checked_present = 0
@@ -42,8 +30,8 @@ def test_decision_positions_land_on_each_impression_answer():
     assert checked_present >= 5  # the seeds include positive lines, not only "none"
 
 
-def test_summary_separates_under_calling_from_not_seeing():
-    dt = _module()
+def test_summary_separates_under_calling_from_not_seeing(benchmark_script):
+    dt = benchmark_script("decision_tokens")
     rng = np.random.default_rng(0)
     n, k = 400, len(dt._IMPRESSION_SLOTS)
     truth = rng.random((n, k)) < 0.2

@@ -3,19 +3,7 @@ or its verdict on an encoder ("this finding is not in the visual tokens") would 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_encoder", ROOT / "benchmarks" / "probe_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tokens(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,8 +21,8 @@ def _tokens(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, t
     return x, y, per_token
 
 
-def test_probes_find_planted_signals_and_report_chance_otherwise(monkeypatch):
-    probe = _probe_module()
+def test_probes_find_planted_signals_and_report_chance_otherwise(monkeypatch, benchmark_script):
+    probe = benchmark_script("probe_encoder")
     gen = torch.Generator().manual_seed(0)
     xtr, ytr, ltr = _tokens(800, gen)
     xte, yte, lte = _tokens(300, gen)
@@ -69,23 +57,23 @@ def _blob_volumes(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return v.half(), targets, y
 
 
-def _blob_probe(monkeypatch, seed: int):
+def _blob_probe(monkeypatch, benchmark_script, seed: int):
     """The probe module with one lesion type, a generator, and blob studies: 240 training, 80 held out."""
-    probe = _probe_module()
+    probe = benchmark_script("probe_encoder")
     monkeypatch.setattr(probe, "LESION_TYPES", ("blob",))
     gen = torch.Generator().manual_seed(seed)
     return probe, gen, _blob_volumes(240, gen), _blob_volumes(80, gen)
 
 
-def test_cnn_reference_learns_a_visible_lesion(monkeypatch):
-    probe, _, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, 1)
+def test_cnn_reference_learns_a_visible_lesion(monkeypatch, benchmark_script):
+    probe, _, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, benchmark_script, 1)
     per_patch, study = probe.probe_cnn(vtr, ltr, ytr, vte, lte, yte, (4, 16, 16), steps=150, seed=0,
                                        log=lambda _msg: None)
     assert per_patch["blob"] > 0.9 and study["blob"] > 0.9, (per_patch, study)
 
 
-def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_labels(monkeypatch):
-    probe, gen, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, 2)
+def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_labels(monkeypatch, benchmark_script):
+    probe, gen, (vtr, ltr, ytr), (vte, lte, yte) = _blob_probe(monkeypatch, benchmark_script, 2)
     # voxel masks of the blobs (where the volume was raised), pooled as _render pools them
     mask = (vtr.float() > 0.9).float()[:, None]  # (S, 1, D, H, W): the +1.5 blobs, few noise voxels
     dense = torch.nn.functional.max_pool3d(mask, probe.DENSE_POOL).to(torch.uint8)
@@ -99,8 +87,8 @@ def test_cnn_reference_with_dense_targets_learns_the_lesion_and_not_shuffled_lab
     assert study_shuffled["blob"] < 0.75, study_shuffled
 
 
-def test_isolated_blob_filter_scores_a_blob_and_not_a_tube_or_a_wall():
-    probe = _probe_module()
+def test_isolated_blob_filter_scores_a_blob_and_not_a_tube_or_a_wall(benchmark_script):
+    probe = benchmark_script("probe_encoder")
     base = torch.zeros(12, 24, 24)
     blob, tube, wall = base.clone(), base.clone(), base.clone()
     blob[5:7, 10:13, 10:13] = 0.6  # a small nodule: dark all around, and 2 slices away
