@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from edgevlm.checkpoint import load_checkpoint
-from edgevlm.data.reports import _IMPRESSION_SLOTS
+from edgevlm.data.reports import _IMPRESSION_SLOTS, impression_answers
 from edgevlm.eval.runner import synthetic_studies
 from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
 from edgevlm.preprocess import preprocess
@@ -37,12 +37,8 @@ from edgevlm.train import REPORT_QUESTIONS, finding_auc, model_recipe
 def decision_positions(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, bool]]:
     """(index of the answer's first token, finding present) for each impression line of `text`, in
     `_IMPRESSION_SLOTS` order; `offsets` are the tokenizer's character spans of `text`'s tokens."""
-    out = []
-    for _, label in _IMPRESSION_SLOTS:
-        start = text.index(label + ":") + len(label) + 1
-        token = next(k for k, (a, _) in enumerate(offsets) if a >= start)
-        out.append((token, not text[start:].lstrip().startswith("none")))
-    return out
+    return [(next(k for k, (a, _) in enumerate(offsets) if a >= start), present)
+            for start, _, present in impression_answers(text)]
 
 
 @torch.no_grad()

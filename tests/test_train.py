@@ -152,6 +152,57 @@ def test_answer_weights_reproduce_the_training_loss_weighting():
         report_loss[report_targets != -100].mean().item(), rel=1e-6)  # float32 weights
 
 
+def test_impression_weights_mark_each_impression_answer_and_weigh_positives_more():
+    """The weighted tokens spell exactly the impression answers (" none" or the finding's words), at the
+    label positions `sequence_batch` gives them; positives get weight x positive weight, the rest 1."""
+    from edgevlm.data import sample_study
+    from edgevlm.data.reports import impression_answers, report_text
+    from edgevlm.models import PromptConfig
+    from edgevlm.models.tokenizer import special_ids, train_tokenizer
+    from edgevlm.train import impression_weights, sequence_batch
+
+    seeds = [s for s in range(40) if sample_study(s).findings][:3] + [s for s in range(40)
+                                                                      if not sample_study(s).findings][:1]
+    reports = [report_text(sample_study(s), np.random.default_rng(s)) for s in seeds]
+    prompt = PromptConfig(max_new_tokens=8)
+    tok = train_tokenizer(reports * 3, 400, [prompt.pad_token, "<s>", *prompt.eos_tokens, "<unk>", prompt.image_token])
+    cfg = MedVLMConfig(decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), max_seq_len=1024), prompt=prompt)
+    questions = ["Write the report.", "Report, please, on this study."] * 2  # prompts of different lengths
+    input_ids, labels = sequence_batch(list(zip(questions, reports, strict=True)), tok, cfg,
+                                       special_ids(tok, prompt), torch.device("cpu"))
+    assert impression_weights(reports, labels, tok, 1.0, 1.0) is None
+    weights = impression_weights(reports, labels, tok, 3.0, 2.0)
+    assert weights.shape == labels.shape and torch.isin(weights, torch.tensor([1.0, 3.0, 6.0])).all()
+    assert (weights[labels == -100] == 1).all()  # prompt and padding untouched
+    for row, report in enumerate(reports):
+        answers = impression_answers(" " + report)
+        for value, want in ((6.0, [a for a in answers if a[2]]), (3.0, [a for a in answers if not a[2]])):
+            got = tok.decode(input_ids[row][weights[row] == value].tolist())
+            assert got.replace(" ", "") == "".join((" " + report)[a:b] for a, b, _ in want).replace(" ", "")
+    assert (weights == 6.0).any() and (weights == 3.0).any()
+
+
+def test_finding_targets_name_the_side_and_lobe_of_each_type_separately():
+    from edgevlm.data import sample_study
+    from edgevlm.train import finding_labels, finding_targets
+
+    labels = finding_labels()
+    seen = 0
+    for seed in range(200):
+        spec = sample_study(seed)
+        on = {labels[i] for i in finding_targets(spec).nonzero().flatten().tolist()}
+        expected = set()
+        for f in spec.findings:
+            expected.add(f.type)
+            if f.type in ("nodule", "mass", "consolidation"):
+                expected.add(f"{f.type}:{f.lobe}")
+            if f.type in ("pleural_effusion", "pneumothorax"):
+                expected |= {f"{f.type}:{s}" for s in ("left", "right") if f.side in (s, "bilateral")}
+        assert on == expected, (seed, on, expected)
+        seen += any(":" in label for label in on)
+    assert seen >= 20
+
+
 def test_decoder_probe_adds_its_loss_at_the_answer_positions_and_reaches_the_image(tiny_model_json):
     """loss_on's decoder probe: weight x the mean over reports and QAs of a BCE at every position that
     predicts an answer token, recomputed here by hand; its gradient reaches the projector (through the

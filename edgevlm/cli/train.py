@@ -39,6 +39,12 @@ def train_cmd(
     decoder_probe_weight: float = typer.Option(1.0, "--decoder-probe-weight",
                                                help="Weight of the training-only finding probe on the decoder's "
                                                     "hidden states at the answer positions (0: off).", min=0.0),
+    impression_weight: float = typer.Option(1.0, "--impression-weight", min=0.0,
+                                            help="Report-loss weight of the structured impression's answer "
+                                                 "tokens against the other report tokens (1: alike)."),
+    positive_impression_weight: float = typer.Option(1.0, "--positive-impression-weight", min=0.0,
+                                                     help="Extra factor on those where the finding is "
+                                                          "present: greedy calls it at P > 1/(1 + w)."),
     vision_steps: int = typer.Option(0, "--vision-steps",
                                      help="Staged recipe: the first N steps train the encoder alone on the "
                                           "finding/lesion heads, then it is frozen for the text stage (0: off).",
@@ -69,6 +75,7 @@ def train_cmd(
     cfg = TrainConfig(model=model, steps=steps, batch_studies=batch_studies, qa_per_study=qa_per_study,
                       aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
                       report_loss=report_loss, decoder_probe_weight=decoder_probe_weight,
+                      impression_weight=impression_weight, positive_impression_weight=positive_impression_weight,
                       qa_position_jitter=qa_position_jitter, n_train_studies=n_train_studies,
                       vision_steps=vision_steps, vision_batch_studies=vision_batch_studies, vision_lr=vision_lr,
                       autocast=autocast,

@@ -252,6 +252,19 @@ def impression_text(spec: StudySpec) -> str:
     return "\n".join(lines)
 
 
+def impression_answers(report: str) -> list[tuple[int, int, bool]]:
+    """(start, stop, finding present) of each structured-impression answer in `report`, in
+    _IMPRESSION_SLOTS order: the characters after "Type:" up to its line's full stop (" none" or
+    " small, right"), where the image decides the words; `report` may carry a prefix (e.g. the training
+    target's leading space)."""
+    out = []
+    for _, name in _IMPRESSION_SLOTS:
+        start = report.index(f"\n{name}:") + len(name) + 2
+        stop = report.index(".\n", start)
+        out.append((start, stop, report[start:stop].strip() != "none"))
+    return out
+
+
 def report_text(spec: StudySpec, rng: np.random.Generator) -> str:
     """A chest CT report: a structured IMPRESSION (one line per finding type, `impression_text`), then
     TECHNIQUE and free-text FINDINGS, where every absent finding type is stated negative.
