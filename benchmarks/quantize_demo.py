@@ -1,11 +1,14 @@
 """Accuracy gates of the quantized words on the trained demo model: fp32 / int8 / int4 / auto bundles,
 plus a deliberately broken calibration (int8 calibrated on air-only volumes; it fails the gate of the
 tiny test model, tests/export, but the demo teacher's activation ranges come mostly from its position
-table and survive it), other calibration methods, int4 at block size 16, and the vision attention left
+table and survive it), other calibration methods, int4 recipes (`--int4-variants`: block size 16, HQQ,
+GPTQ, fp32 kernel compute), and the vision attention left
 unfused with int8 scores (`--fused-attention off --int8-attention dynamic`, the CPU default before
 edgevlm.export.fuse).
 
     nice -n 19 python benchmarks/quantize_demo.py [--gate-studies 50] [--calib 32] [--out runs/quantize-demo]
+    nice -n 19 python benchmarks/quantize_demo.py --gate-studies 200 --gates-only \
+        --int4-variants block16,hqq,gptq,acc0 --json benchmarks/results/quantize-demo-gate200.json
     nice -n 19 python benchmarks/quantize_demo.py --model edgevlm/assets/demo-small.safetensors \
         --words fp32,int8,int4 --gates-only --json benchmarks/results/quantize-demo-small.json
 
@@ -67,13 +70,32 @@ def extra_cases(asset: Path, out: Path, qcfg, results: dict) -> None:
         bundle = export_bundle(asset, out / f"int8-{method}", precision="int8", overwrite=True,
                                quant=dataclasses.replace(qcfg, calib_method=method))
         results[f"int8 ({method} calibration)"] = summary(bundle)
-    bundle = export_bundle(asset, out / "int4-block16", precision="int4", overwrite=True,
-                           quant=dataclasses.replace(qcfg, int4_block_size=16))
-    results["int4 (block size 16)"] = summary(bundle)
+    int4_variants(asset, out, qcfg, results, ["block16"])
     for word in ("int8", "int4"):  # the plain attention graph with int8 scores (the pre-fusion CPU default)
         bundle = export_bundle(asset, out / f"{word}-int8-scores", precision=word, overwrite=True,
                                fused_attention="off", quant=dataclasses.replace(qcfg, int8_attention="dynamic"))
         results[f"{word} (unfused attention, int8 scores)"] = summary(bundle)
+
+
+# int4 recipes other than the default (RTN, block 32, int8 activations in the kernel): which part of
+# int4's error a gate miss comes from. Folder name -> (results key, QuantConfig changes).
+INT4_VARIANTS = {
+    "block16": ("int4 (block size 16)", {"int4_block_size": 16}),
+    "hqq": ("int4 (hqq)", {"int4_method": "hqq"}),
+    "gptq": ("int4 (gptq)", {"int4_method": "gptq"}),
+    "acc0": ("int4 (fp32 compute, accuracy_level 0)", {"accuracy_level": 0}),
+}
+
+
+def int4_variants(asset: Path, out: Path, qcfg, results: dict, names: list[str]) -> None:
+    from edgevlm.export import export_bundle
+
+    for name in names:
+        key, change = INT4_VARIANTS[name]
+        bundle = export_bundle(asset, out / f"int4-{name}", precision="int4", overwrite=True,
+                               quant=dataclasses.replace(qcfg, **change),
+                               on_step=lambda msg, n=name: print(f"[int4-{n}] {msg}", flush=True))
+        results[key] = summary(bundle)
 
 
 def main() -> None:
@@ -88,6 +110,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ASSETS / "demo-teacher.safetensors")
     p.add_argument("--gates-only", action="store_true",
                    help="skip the air-only calibration case and the percentile/entropy calibrations")
+    p.add_argument("--int4-variants", default="",
+                   help=f"also export int4 with these recipes, comma-separated: {', '.join(INT4_VARIANTS)}")
     p.add_argument("--json", type=Path, default=RESULTS)
     args = p.parse_args()
     asset = args.model.resolve()
@@ -104,6 +128,8 @@ def main() -> None:
                                on_step=lambda msg, w=word: print(f"[{w}] {msg}", flush=True))
         timings[word] = time.perf_counter() - t0
         results[word] = summary(bundle)
+    if args.int4_variants:
+        int4_variants(asset, out, qcfg, results, args.int4_variants.split(","))
     if not args.gates_only:
         extra_cases(asset, out, qcfg, results)
     record = {"benchmark": "quantize-demo", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -9,7 +9,7 @@ from edgevlm.calibration.dataset import (
     build_calibration_set,
     render_synthetic,
 )
-from edgevlm.calibration.observers import calibration_methods, check_method, volume_reader
+from edgevlm.calibration.observers import calibration_methods, check_method, decoder_feeds, volume_reader
 
 __all__ = [
     "CALIB_SEED_START",
@@ -19,6 +19,7 @@ __all__ = [
     "build_calibration_set",
     "calibration_methods",
     "check_method",
+    "decoder_feeds",
     "render_synthetic",
     "volume_reader",
 ]

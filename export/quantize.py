@@ -15,7 +15,10 @@ layers, the lm_head and the embedding table become. The fp32 graphs are exported
                   (`--symmetric-activations`) writes zero-point-0 int8 activations, the only int8 QDQ that
                   TensorRT builds.
     decoder int4  block-wise weight-only com.microsoft MatMulNBits (4 bits, block_size 32 by default,
-                  RTN or HQQ, accuracy_level 4 = int8 activations inside the kernel on CPU).
+                  RTN, HQQ (data-free) or GPTQ (data-aware: each weight block's rounding error is
+                  compensated in the weights not yet quantized, by the inverse Hessian of the layer's
+                  calibration inputs, `edgevlm.calibration.decoder_feeds`), accuracy_level 4 = int8
+                  activations inside the kernel on CPU).
     decoder int8  "nbits": MatMulNBits with 8 bits (weight-only, same kernel family as int4), or
                   "dynamic": onnxruntime quantize_dynamic (MatMulInteger, per-channel weights, activations
                   quantized per call). `QuantConfig.int8_decoder` picks; benchmarks/quantize.py measures both.
@@ -44,7 +47,7 @@ import numpy as np
 from edgevlm.errors import EdgeVLMError
 
 QUANT_VERSION = 1
-INT4_METHODS = ("rtn", "hqq")
+INT4_METHODS = ("rtn", "hqq", "gptq")
 INT8_DECODER_MODES = ("nbits", "dynamic")
 INT8_ATTENTION_MODES = ("auto", "dynamic", "float")
 LM_HEAD = "decoder.lm_head"
@@ -81,7 +84,7 @@ class QuantConfig:
     calib_method: str = "minmax"  # minmax | percentile | entropy (edgevlm.calibration.observers)
     activation_symmetric: bool = False  # True: int8 activations with zero point 0 (TensorRT); False: uint8
     int4_block_size: int = 32
-    int4_method: str = "rtn"  # rtn | hqq
+    int4_method: str = "rtn"  # rtn | hqq | gptq (data-aware: needs decoder calibration feeds)
     int4_symmetric: bool = False  # zero points per block (asymmetric) keep more accuracy at int4
     int8_decoder: str = "nbits"  # nbits | dynamic
     # vision Q.K^T: dynamic (int8, scales per call: onnxruntime's CPU kernels) | float | auto (export_bundle:
@@ -201,8 +204,10 @@ def _set_accuracy_level(model: Any, level: int) -> None:
             node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
 
 
-def _nbits(model: Any, include: set[str], bits: int, cfg: QuantConfig) -> Any:
-    """MatMulNBits for the MatMul nodes in `include` (all others untouched); returns the new ModelProto."""
+def _nbits(model: Any, include: set[str], bits: int, cfg: QuantConfig,
+           feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
+    """MatMulNBits for the MatMul nodes in `include` (all others untouched); returns the new ModelProto.
+    `feeds`: prefill inputs of the graph (`edgevlm.calibration.decoder_feeds`), for GPTQ."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -211,6 +216,8 @@ def _nbits(model: Any, include: set[str], bits: int, cfg: QuantConfig) -> Any:
 
     if not include:
         return model
+    if bits == 4 and cfg.int4_method == "gptq":
+        return _gptq_int4(model, include, cfg, feeds)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
     # HQQ: block-wise zero points and scales fitted by half-quadratic optimisation (no data needed). 8-bit
     # and RTN take the plain round-to-nearest path (HQQ is aimed at low bit widths; not measured at 8).
@@ -224,6 +231,29 @@ def _nbits(model: Any, include: set[str], bits: int, cfg: QuantConfig) -> Any:
                                      algo_config=algo)
     quantizer.process()
     return quantizer.model.model
+
+
+def _gptq_int4(model: Any, include: set[str], cfg: QuantConfig, feeds: list[dict[str, np.ndarray]] | None) -> Any:
+    """GPTQ int4 (onnxruntime's port of Intel Neural Compressor) for the MatMuls in `include`.
+
+    Called directly rather than through MatMulNBitsQuantizer, whose GPTQ path ignores nodes_to_exclude:
+    here every other MatMul is marked "fp32", so `auto`'s mixes and the int8 lm_head stay as planned.
+    Per-group (block) scales as RTN, column blocks of 128, 1% dampening of the Hessian diagonal, no
+    activation reordering (the reordered variant needs a permuted kernel that MatMulNBits lacks)."""
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    if not feeds:
+        raise EdgeVLMError("--int4-method gptq needs calibration inputs for the decoder (none were given)")
+    scheme = "sym" if cfg.int4_symmetric else "asym"
+    weight_config: dict[str, Any] = {
+        n.name: ({"bits": 4, "group_size": cfg.int4_block_size, "scheme": scheme, "algorithm": "GPTQ"}
+                 if n.name in include else "fp32")
+        for n in model.graph.node if n.op_type == "MatMul"}
+    quantized = gptq_quantize(model, dataloader=((feed, None) for feed in feeds), weight_config=weight_config,
+                              num_bits=4, group_size=cfg.int4_block_size, scheme=scheme, n_samples=-1,
+                              percdamp=0.01, blocksize=128, actorder=False, mse=False, perchannel=True,
+                              accuracy_level=cfg.accuracy_level)
+    return quantized.model
 
 
 def _dynamic_int8(model: Any, include: set[str]) -> Any:
@@ -240,8 +270,10 @@ def _dynamic_int8(model: Any, include: set[str]) -> Any:
         return onnx.load(str(dst))
 
 
-def quantize_decoder(src: Path, dst: Path, plan: dict[str, str], cfg: QuantConfig) -> dict[str, int]:
-    """Rewrite decoder.onnx per `plan` ({node name: fp32|int8|int4}); returns {precision: node count}."""
+def quantize_decoder(src: Path, dst: Path, plan: dict[str, str], cfg: QuantConfig,
+                     feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, int]:
+    """Rewrite decoder.onnx per `plan` ({node name: fp32|int8|int4}); returns {precision: node count}.
+    `feeds`: the decoder's calibration inputs, for data-aware int4 (`cfg.int4_method == "gptq"`)."""
     import onnx
 
     _quiet_ort_logging()
@@ -250,7 +282,7 @@ def quantize_decoder(src: Path, dst: Path, plan: dict[str, str], cfg: QuantConfi
     unknown = sorted(set(plan) - set(linear_nodes(model)))
     if unknown:
         raise EdgeVLMError(f"quantization plan names nodes the decoder graph lacks: {', '.join(unknown[:3])}")
-    model = _nbits(model, {n for n, p in plan.items() if p == "int4"}, 4, cfg)
+    model = _nbits(model, {n for n, p in plan.items() if p == "int4"}, 4, cfg, feeds)
     int8 = {n for n, p in plan.items() if p == "int8"}
     model = _nbits(model, int8, 8, cfg) if cfg.int8_decoder == "nbits" else _dynamic_int8(model, int8)
     _set_accuracy_level(model, cfg.accuracy_level)

@@ -124,8 +124,16 @@ def quantize_bundle(ckpt: Any, folder: Path, manifest: dict[str, Any], precision
         task_ref = _FP32_TASK[task_key]
         limit = thresholds(precision)
 
+        feeds = None
+        if qcfg.int4_method == "gptq" and scheme.layers in ("int4", "auto"):
+            from edgevlm.calibration import decoder_feeds
+
+            on_step(f"decoder calibration: fp32 greedy answers on the {len(calib)} calibration studies (GPTQ)")
+            feeds = decoder_feeds(ref, table_ref, calib.volumes, prompts, ids.image, cfg.prompt.max_new_tokens,
+                                  tuple(ids.stop))
+
         def gate(plan: dict[str, str]) -> tuple[dict[str, Any], dict[str, int]]:
-            counts = quantize_decoder(ref_dir / DECODER_FILE, folder / DECODER_FILE, plan, qcfg)
+            counts = quantize_decoder(ref_dir / DECODER_FILE, folder / DECODER_FILE, plan, qcfg, feeds)
             quant = _ort(folder, cfg, precision)
             parity = measure_parity(quant, ref, table_q, table_ref, studies.volumes[:n_par], prompts, ids.image,
                                     steps)
@@ -147,7 +155,7 @@ def quantize_bundle(ckpt: Any, folder: Path, manifest: dict[str, Any], precision
             on_step("auto: per-group sensitivity (one group int4 at a time, logit KL vs fp32)")
             plan, verdict, counts, auto_record = choose_mix(plan, modules, gate, ref_dir, cfg, qcfg, ref, table_ref,
                                                             studies.volumes[:n_par], prompts, ids.image, steps,
-                                                            on_step)
+                                                            on_step, feeds)
         else:
             on_step(f"decoder.onnx -> {scheme.layers} layers, {scheme.lm_head} lm_head; measuring the gate")
             verdict, counts = gate(plan)

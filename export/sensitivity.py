@@ -24,9 +24,11 @@ from edgevlm.export.quantize import QuantConfig, layer_group, quantize_decoder
 
 def choose_mix(base: dict[str, str], modules: dict[str, str], gate: Callable[[dict[str, str]], Any], ref_dir: Path,
                cfg: Any, qcfg: QuantConfig, ref: Any, table_ref: np.ndarray, volumes: np.ndarray,
-               prompts: list[list[int]], image_id: int, steps: int,
-               on_step: Callable[[str], None]) -> tuple[dict[str, str], dict[str, Any], dict[str, int], dict[str, Any]]:
-    """(plan, gate verdict, node counts, record for the manifest)."""
+               prompts: list[list[int]], image_id: int, steps: int, on_step: Callable[[str], None],
+               feeds: list[dict[str, np.ndarray]] | None = None,
+               ) -> tuple[dict[str, str], dict[str, Any], dict[str, int], dict[str, Any]]:
+    """(plan, gate verdict, node counts, record for the manifest). `feeds`: the decoder's calibration
+    inputs when int4 is data-aware (GPTQ), so each group is measured as it will be quantized."""
     from edgevlm.export.quantized_bundle import _ort, group_plan
 
     from edgevlm.runtime.bundle import DECODER_FILE, VISION_FILE
@@ -37,7 +39,8 @@ def choose_mix(base: dict[str, str], modules: dict[str, str], gate: Callable[[di
     tmp = Path(tempfile.mkdtemp(prefix="edgevlm-sensitivity-"))
     try:
         for group, bits in [(g, "int4") for g in groups] + [("lm_head", "int4"), ("lm_head", "int8")]:
-            quantize_decoder(ref_dir / DECODER_FILE, tmp / DECODER_FILE, group_plan(fp32, modules, {group: bits}), qcfg)
+            quantize_decoder(ref_dir / DECODER_FILE, tmp / DECODER_FILE, group_plan(fp32, modules, {group: bits}), qcfg,
+                             feeds)
             one = _ort(tmp, cfg, "fp32", vision=ref_dir / VISION_FILE)
             kl = measure_parity(one, ref, table_ref, table_ref, volumes, prompts, image_id, steps)["logit_kl_mean"]
             sensitivity[group if group != "lm_head" else f"lm_head@{bits}"] = kl

@@ -26,7 +26,8 @@ def export(
                               "synthetic:N (seeds from 2,000,000)."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | percentile | entropy."),
     int4_block_size: int = typer.Option(32, "--int4-block-size", help="Weights per int4 scale (power of 2)."),
-    int4_method: str = typer.Option("rtn", "--int4-method", help="rtn | hqq."),
+    int4_method: str = typer.Option("rtn", "--int4-method",
+                                     help="rtn | hqq (data-free) | gptq (data-aware, on the calibration studies)."),
     int8_decoder: str = typer.Option("nbits", "--int8-decoder", help="nbits (weight-only) | dynamic."),
     int8_attention: str = typer.Option("auto", "--int8-attention", help="int8 vision attention scores: "
                                        "dynamic (scales per call; onnxruntime CPU, plain attention graph) | "

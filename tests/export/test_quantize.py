@@ -182,6 +182,54 @@ def test_quantize_decoder_int8_modes(gqa_bundle: tuple[Path, Path], tmp_path: Pa
         ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
 
 
+def test_gptq_int4_quantizes_only_its_plan_and_beats_round_to_nearest_on_its_data(ckpt: Path, tmp_path: Path) -> None:
+    """GPTQ (data-aware int4) on decoder calibration feeds from the fp32 graphs' own greedy answers: the
+    planned MatMuls become 4-bit MatMulNBits and the others stay as planned (onnxruntime's GPTQ entry
+    point would quantize them too), and on those feeds its logits are closer to fp32 than RTN's, which is
+    what the inverse-Hessian compensation optimizes."""
+    import onnxruntime as ort
+    from edgevlm.calibration import decoder_feeds
+    from edgevlm.checkpoint import load_checkpoint
+    from edgevlm.export.quantize import gemm_to_matmul, linear_nodes
+    from edgevlm.export.quantized_bundle import _ort
+    from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
+    from safetensors.numpy import load_file
+
+    bundle = export_bundle(ckpt, tmp_path / "fp32", precision="fp32")
+    cfg = load_checkpoint(ckpt).config
+    tok = load_tokenizer((bundle / "tokenizer.json").read_text())
+    ids = special_ids(tok, cfg.prompt)
+    ref = _ort(bundle, cfg, "fp32")
+    table = load_file(str(bundle / "embeddings.safetensors"))["embed_tokens"].astype(np.float32)
+    volumes = np.random.default_rng(0).random((4, 1, *cfg.vision.image_size), dtype=np.float32)
+    prompts = [encode_prompt(tok, cfg, q) for q in ("Write the report.", "Is there an effusion?")]
+    feeds = decoder_feeds(ref, table, volumes, prompts, ids.image, 12)
+    assert len(feeds) == 4 and all(np.isfinite(f["embeds"]).all() for f in feeds)
+    assert feeds[0]["embeds"].shape[1] == len(prompts[0]) + 12  # random weights: no stop within 12 tokens
+
+    src = bundle / "decoder.onnx"
+    graph = onnx.load(str(src))
+    gemm_to_matmul(graph)  # as quantize_decoder does: the lm_head Gemm becomes a MatMul
+    nodes = linear_nodes(graph)
+    lm_head = next(n for n, m in nodes.items() if m.endswith("lm_head"))
+    plan = {n: ("fp32" if n == lm_head else "int4") for n in nodes}
+    errors = {}
+    for method in ("rtn", "gptq"):
+        dst = tmp_path / f"{method}.onnx"
+        counts = quantize_decoder(src, dst, plan, dataclasses.replace(QCFG, int4_method=method), feeds)
+        graph = onnx.load(str(dst)).graph
+        assert counts == {"int4": len(nodes) - 1, "fp32": 1}
+        assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == len(nodes) - 1
+        assert [n.name for n in graph.node if n.op_type == "MatMul" and n.name == lm_head] == [lm_head]
+        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        errors[method] = np.mean([np.mean((session.run(["logits"], f)[0] - fp32.run(["logits"], f)[0]) ** 2)
+                                  for f in feeds])
+    assert np.isfinite(list(errors.values())).all() and 0 < errors["gptq"] < errors["rtn"], errors
+    with pytest.raises(EdgeVLMError, match="gptq needs calibration"):
+        quantize_decoder(src, tmp_path / "x.onnx", plan, dataclasses.replace(QCFG, int4_method="gptq"))
+
+
 def test_schemes_registry() -> None:
     assert set(SCHEMES) == {"fp32", "fp16", "int8", "int4", "auto"}
     assert SCHEMES["int4"].vision == "int8" and SCHEMES["int4"].layers == "int4"
