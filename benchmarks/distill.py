@@ -81,17 +81,25 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def write_asset_record(path: Path, student: Path, extra: dict, result: dict, stages: list[str]) -> None:
+def write_asset_record(path: Path, student: Path, teacher: Path, extra: dict, result: dict,
+                       stages: list[str]) -> None:
     """The shipped student's provenance: how it was made (command, seed, config) and what it scores.
-    `stages`: every command of a run resumed in stages, in order (the checkpoint holds only the last)."""
+    `stages`: every command of a run resumed in stages, in order (the checkpoint holds only the last).
+    The teacher is recorded by the path it is benchmarked (and shipped) at, once its hash proves it is the
+    one the student was distilled from: distillation may have read it from a run folder."""
     from edgevlm.checkpoint import file_sha256
 
     run = extra.get("distillation", {})
+    distilled_from = run.get("teacher") or {}
+    if distilled_from.get("sha256") != file_sha256(teacher):
+        raise SystemExit(f"{student}: distilled from a teacher with sha256 {distilled_from.get('sha256')}, "
+                         f"not {teacher}; the record would pair it with the wrong teacher")
     record = {
         "file": student.name, "sha256": file_sha256(student), "size_bytes": student.stat().st_size,
         "command": run.get("command"), "stages": stages or [run.get("command")],
         "seed": run.get("config", {}).get("seed"), "config": run.get("config"),
-        "teacher": run.get("teacher"), "init": {k: v for k, v in run.get("init", {}).items() if k != "skipped"},
+        "teacher": {**distilled_from, "path": str(teacher)},
+        "init": {k: v for k, v in run.get("init", {}).items() if k != "skipped"},
         "final_losses": run.get("final"),
         "eval": {"heldout_studies": result["method"]["accuracy_studies"], "student": result["student"]["accuracy"],
                  "teacher": result["teacher"]["accuracy"], "retained": result["retained"]},
@@ -191,7 +199,8 @@ def main() -> None:
               f"F1 {a['finding_micro_f1']:.3f}  closed {a['closed_accuracy']}")
     print(f"wrote {args.out}")
     if args.asset_json is not None:
-        write_asset_record(args.asset_json, args.student, models["student"].extra, result, args.stage_command)
+        write_asset_record(args.asset_json, args.student, args.teacher, models["student"].extra, result,
+                           args.stage_command)
         print(f"wrote {args.asset_json}")
     print(json.dumps({"retained": retained, "speedup": speedup, "passed": passed}))
 

@@ -554,7 +554,7 @@ def vision_stage_loss(model: MedVLM, volumes: torch.Tensor, finding_head: torch.
     must say whether the study has that lesion at all (max over tokens, multiple-instance style), which
     teaches the head not to fire on the vessels and ribs of a normal chest. Why a stage without text:
     jointly trained, the decoder's language loss dominates for thousands of steps and the encoder learns
-    focal findings slowly (shipped interim teacher after 5,400 steps: probe AUC nodule 0.56, mass 0.64,
+    focal findings slowly (the previous interim teacher after 5,400 steps: probe AUC nodule 0.56, mass 0.64,
     consolidation 0.61); the encoder alone, on these heads, reached held-out study AUC mass 0.87,
     consolidation 0.94, pneumothorax 0.97 in 1,000 steps (8 minutes on 2 cores in bf16;
     benchmarks/results/train-staged-demo-tiny.json). Each term has weight 1 (the stage has no other loss

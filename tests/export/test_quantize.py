@@ -189,11 +189,12 @@ def test_gptq_int4_quantizes_only_its_plan_and_beats_round_to_nearest_on_its_dat
     what the inverse-Hessian compensation optimizes."""
     import onnxruntime as ort
     from edgevlm.calibration import decoder_feeds
-    from edgevlm.checkpoint import load_checkpoint
     from edgevlm.export.quantize import gemm_to_matmul, linear_nodes
     from edgevlm.export.quantized_bundle import _ort
-    from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
     from safetensors.numpy import load_file
+
+    from edgevlm.checkpoint import load_checkpoint
+    from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
 
     bundle = export_bundle(ckpt, tmp_path / "fp32", precision="fp32")
     cfg = load_checkpoint(ckpt).config
