@@ -375,3 +375,39 @@ def test_a_bad_autocast_value_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="autocast"):
         train(TrainConfig(autocast="fp8"), tmp_path / "lib", log=lambda _: None)
     assert not (tmp_path / "lib").exists()
+
+
+def test_init_continues_a_trained_checkpoint_with_its_encoder_frozen(tmp_path, tiny_model_json):
+    from edgevlm.checkpoint import file_sha256
+
+    base = TrainConfig(model=str(tiny_model_json), steps=4, batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=1,
+                       n_train_studies=6, vocab_size=300, tokenizer_corpus_studies=40, eval_every=4, eval_studies=2,
+                       checkpoint_every=4, threads=2)
+    trained = train(base, tmp_path / "base", log=lambda _: None)
+    cfg = TrainConfig(**{**base.__dict__, "model": "demo-tiny", "steps": 6, "init": str(trained),
+                         "impression_weight": 2.0, "positive_impression_weight": 3.0})
+    path = train(cfg, tmp_path / "ft", log=lambda _: None)
+    before, after = load_checkpoint(trained), load_checkpoint(path)
+    # The checkpoint's own config and tokenizer, not the preset's, and its trained weights as the start:
+    # the encoder (position table included: no second centering) is exactly the init's.
+    assert after.config.to_json() == before.config.to_json()
+    assert after.tokenizer_json == before.tokenizer_json
+    old, new = before.model.state_dict(), after.model.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("vision."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder.layers"))
+    assert after.extra["init"] == {"source": trained.name, "sha256": file_sha256(trained)}
+    history = json.loads((tmp_path / "ft" / "history.json").read_text())
+    assert [h.get("stage") for h in history] == [None] * 6 and all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_init_refuses_a_checkpoint_without_a_tokenizer(tmp_path):
+    from edgevlm.checkpoint import save_checkpoint
+    from edgevlm.errors import EdgeVLMError
+    from edgevlm.models import PRESETS, MedVLM
+
+    torch.manual_seed(0)
+    cfg = PRESETS["demo-tiny"]()
+    bare = save_checkpoint(MedVLM(cfg), tmp_path / "bare.safetensors", None, {})
+    with pytest.raises(EdgeVLMError, match=r"bare\.safetensors: --init needs a checkpoint that carries its tokenizer"):
+        train(TrainConfig(init=str(bare)), tmp_path / "run", log=lambda _: None)
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,10 @@ def train_cmd(
     eval_studies: int = typer.Option(24, "--eval-studies", help="Held-out studies for the periodic held-out loss."),
     full_eval_studies: int = typer.Option(0, "--full-eval-studies",
                                           help="Also run the clinical eval on this many held-out studies."),
+    init: Path | None = typer.Option(None, "--init", exists=True, dir_okay=False,
+                                     help="Continue from a trained edgevlm checkpoint (its config, tokenizer and "
+                                          "weights; --model is ignored): --vision-steps more on the encoder, then "
+                                          "the text stage over it frozen."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing last.pt instead of resuming."),
 ) -> None:
     """Train a MedVLM on synthetic chest CT (report generation + question answering).
@@ -80,7 +84,7 @@ def train_cmd(
                       vision_steps=vision_steps, vision_batch_studies=vision_batch_studies, vision_lr=vision_lr,
                       autocast=autocast,
                       lr=lr, seed=seed, device=device, threads=threads, eval_every=eval_every,
-                      eval_studies=eval_studies)
+                      eval_studies=eval_studies, init=str(init) if init else "")
     with _progress() as bar:
         progress = progress_callback(bar, "train", lambda info: f"loss {info['loss']:.3f}" if "loss" in info else "")
         path = train(cfg, out, resume=not fresh, log=console.print, progress=progress,
