@@ -330,9 +330,13 @@ def impression_weights(reports: list[str], labels: torch.Tensor, tokenizer: Any,
     out = torch.ones(labels.shape)
     for row, report in enumerate(reports):
         text = " " + report  # the training target, as `sequence_batch` encodes it
+        try:
+            answers = impression_answers(text)
+        except ValueError:  # a teacher-written report (distillation) without every impression line
+            continue
         offsets = tokenizer.encode(text, add_special_tokens=False).offsets
         first = int((labels[row] != -100).nonzero()[0])  # the target's first token
-        for start, stop, present in impression_answers(text):
+        for start, stop, present in answers:
             w = weight * (positive_weight if present else 1.0)
             for k, (a, _) in enumerate(offsets):
                 if start <= a < stop:
@@ -385,13 +389,16 @@ def answer_outputs(model: MedVLM, visual: torch.Tensor, reports: tuple[torch.Ten
 
 
 def answer_weights(report_labels: torch.Tensor, qa_labels: torch.Tensor,
-                   sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
-    """(K,) weights summing to 1 over `answer_outputs`' K positions: `loss_on`'s weighting as weights.
+                   sentence_ends: torch.Tensor | None = None,
+                   report_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) weights over `answer_outputs`' K positions: `loss_on`'s weighting as weights.
 
     Half the mass to the reports, half to the QAs (all of it to whichever is present alone). Report
     positions share their half per token, or with `sentence_ends` equally per sentence and within a
     sentence per token; each QA answer gets an equal share, split over its tokens. Why: the same
     reason as in `loss_on`; the few image-dependent report tokens must not drown in boilerplate.
+    They sum to 1 unless `report_weights` ((B, T) like the report labels, `impression_weights`) scale
+    report positions, as they scale `loss_on`'s report tokens (no renormalization, the same there).
     """
     parts = []
     for labels, per in ((report_labels, "sentence" if sentence_ends is not None else "token"), (qa_labels, "row")):
@@ -408,6 +415,8 @@ def answer_weights(report_labels: torch.Tensor, qa_labels: torch.Tensor,
             group = sentence_keys(targets, sentence_ends)
         _, key, counts = torch.unique(group[valid], return_inverse=True, return_counts=True)
         parts.append(1.0 / (counts[key].float() * len(counts)))
+    if report_weights is not None and parts[0].numel():
+        parts[0] = parts[0] * report_weights[:, 1:][report_labels[:, 1:] != -100].to(parts[0])
     present = [p for p in parts if p.numel()]
     return torch.cat([p / len(present) for p in parts]) if present else torch.zeros(0)
 

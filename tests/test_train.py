@@ -1,10 +1,12 @@
 """The training loop on a tiny model: loss goes down, checkpoints resume, the result loads and generates."""
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edgevlm.checkpoint import load_checkpoint
 from edgevlm.models import DecoderConfig, MedVLMConfig, ProjectorConfig, PromptConfig, VisionConfig
@@ -150,6 +152,60 @@ def test_answer_weights_reproduce_the_training_loss_weighting():
     weights = answer_weights(labels(report_targets), empty).double()
     assert (weights * report_loss[report_targets != -100]).sum().item() == pytest.approx(
         report_loss[report_targets != -100].mean().item(), rel=1e-6)  # float32 weights
+
+
+def test_answer_weights_scale_report_positions_as_loss_on_scales_report_tokens(tiny_model_json):
+    """Distillation's impression weighting: answer_weights with report_weights weighs answer positions as
+    loss_on weighs the same model's report and QA tokens with report_weights (fresh random weights)."""
+    from edgevlm.data import sample_study
+    from edgevlm.models import MedVLM
+    from edgevlm.models.tokenizer import special_ids, train_tokenizer
+    from edgevlm.train import answer_outputs, answer_weights, loss_on, make_batch, sentence_end_table, study_texts
+
+    torch.manual_seed(0)
+    cfg = MedVLMConfig.from_json(tiny_model_json.read_text())
+    rng = random.Random(0)
+    texts = [study_texts(sample_study(s), rng, 2) for s in range(3)]
+    corpus = [t for (_, r), qas in texts for t in (r, *(a for _, a in qas))] * 4
+    tok = train_tokenizer(corpus, 300, [cfg.prompt.pad_token, "<s>", *cfg.prompt.eos_tokens, "<unk>",
+                                        cfg.prompt.image_token])
+    cfg.decoder.vocab_size = tok.get_vocab_size()
+    model = MedVLM(cfg).double().eval()
+    volumes = [torch.rand(cfg.vision.image_size) for _ in texts]
+    vols, reports, qas, image_id = make_batch(volumes, texts, tok, cfg, special_ids(tok, cfg.prompt),
+                                              torch.device("cpu"))
+    vols = vols.double()
+    report_weights = 1.0 + 4.0 * torch.rand(reports[1].shape, dtype=torch.float64)
+    ends = sentence_end_table(tok)
+    with torch.no_grad():
+        expected = loss_on(model, vols, reports, qas, image_id, sentence_ends=ends, report_weights=report_weights)
+        logits, _, targets = answer_outputs(model, model.encode_image(vols), reports, qas, image_id)
+        per_position = F.cross_entropy(logits, targets, reduction="none")
+    weights = answer_weights(reports[1], qas[1], ends, report_weights).double()
+    assert torch.isfinite(expected) and (weights * per_position).sum().item() == pytest.approx(expected.item(),
+                                                                                                 rel=1e-5)
+    unweighted = answer_weights(reports[1], qas[1], ends).double()
+    assert (weights * per_position).sum().item() != pytest.approx((unweighted * per_position).sum().item(), rel=1e-3)
+
+
+def test_impression_weights_leave_a_report_without_the_structured_impression_alike():
+    """A teacher-written report (distillation) may lack impression lines: its row keeps weight 1."""
+    from edgevlm.data import sample_study
+    from edgevlm.data.reports import report_text
+    from edgevlm.models import PromptConfig
+    from edgevlm.models.tokenizer import special_ids, train_tokenizer
+    from edgevlm.train import impression_weights, sequence_batch
+
+    good = report_text(sample_study(3), np.random.default_rng(3))
+    broken = good.split("\nPleural effusion:")[0] + " The rest was not written."
+    prompt = PromptConfig(max_new_tokens=8)
+    tok = train_tokenizer([good, broken] * 3, 400, [prompt.pad_token, "<s>", *prompt.eos_tokens, "<unk>",
+                                                   prompt.image_token])
+    cfg = MedVLMConfig(decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), max_seq_len=1024), prompt=prompt)
+    _, labels = sequence_batch([("Write the report.", good), ("Write the report.", broken), ("Write it.", "")], tok,
+                               cfg, special_ids(tok, prompt), torch.device("cpu"))
+    weights = impression_weights([good, broken, ""], labels, tok, 3.0, 2.0)
+    assert (weights[0] > 1).any() and (weights[1:] == 1).all()
 
 
 def test_impression_weights_mark_each_impression_answer_and_weigh_positives_more():

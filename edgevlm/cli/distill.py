@@ -27,6 +27,12 @@ def distill_cmd(
     w_seq: float | None = typer.Option(None, "--w-seq", help="Weight of CE on teacher-generated text (unlabeled)."),
     w_vision: float | None = typer.Option(None, "--w-vision", help="Weight of ViT token feature matching."),
     w_hidden: float | None = typer.Option(None, "--w-hidden", help="Weight of decoder hidden-state matching."),
+    impression_weight: float | None = typer.Option(None, "--impression-weight", min=0.0,
+                                                   help="Weight of the structured impression's answer tokens in "
+                                                        "the report's kl/ce/seq (default 1: alike)."),
+    positive_impression_weight: float | None = typer.Option(None, "--positive-impression-weight", min=0.0,
+                                                            help="Extra factor where the finding is present "
+                                                                 "(default 1)."),
     report_loss: str | None = typer.Option(None, "--report-loss",
                                            help="sentence (default): report positions weighted per sentence; token."),
     qa_position_jitter: int | None = typer.Option(None, "--qa-position-jitter",
@@ -59,7 +65,8 @@ def distill_cmd(
     options = {"steps": steps, "batch_studies": batch_studies, "lr": lr, "temperature": temperature, "w_kl": w_kl,
                "w_ce": w_ce, "w_seq": w_seq, "w_vision": w_vision, "w_hidden": w_hidden, "seed": seed,
                "device": device, "threads": threads, "eval_every": eval_every, "report_loss": report_loss,
-               "qa_position_jitter": qa_position_jitter}
+               "qa_position_jitter": qa_position_jitter, "impression_weight": impression_weight,
+               "positive_impression_weight": positive_impression_weight}
     cfg = dataclasses.replace(cfg, teacher=str(teacher), student=student, data=data,
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:

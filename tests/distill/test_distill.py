@@ -185,3 +185,21 @@ def test_init_starts_the_student_from_a_trained_checkpoint(tmp_path, teacher_pat
         assert name in init["copied"]
         moved += name in teacher and teacher[name].shape == tensor.shape and not torch.equal(teacher[name], tensor)
     assert moved > 0  # it started from the trained student, not from the teacher
+
+
+def test_impression_weights_reach_the_distillation_losses(tmp_path, teacher_path, student_json):
+    """Same seed and batch: weighting the impression answers changes the first step's kl and ce (and only
+    through them: the feature-matching terms stay equal), and the weights are recorded with the run."""
+    base = DistillConfig(teacher=str(teacher_path), student=str(student_json), data="synthetic:6", steps=1,
+                         batch_studies=4, qa_per_study=2, warmup_steps=1, heldout_studies=0, eval_every=100,
+                         checkpoint_every=100, render_workers=1, threads=2)
+    plain = distill(base, tmp_path / "plain", log=lambda _: None)
+    weighted_cfg = DistillConfig(**{**asdict(base), "impression_weight": 3.0, "positive_impression_weight": 2.0})
+    weighted = distill(weighted_cfg, tmp_path / "weighted", log=lambda _: None)
+    a = json.loads((tmp_path / "plain" / "history.json").read_text())[0]
+    b = json.loads((tmp_path / "weighted" / "history.json").read_text())[0]
+    assert b["kl"] != pytest.approx(a["kl"], rel=1e-3) and b["ce"] != pytest.approx(a["ce"], rel=1e-3)
+    assert b["vision"] == pytest.approx(a["vision"]) and b["hidden"] == pytest.approx(a["hidden"])
+    saved = load_checkpoint(weighted).extra["distillation"]["config"]
+    assert (saved["impression_weight"], saved["positive_impression_weight"]) == (3.0, 2.0)
+    assert load_checkpoint(plain).extra["distillation"]["config"]["impression_weight"] == 1.0
