@@ -8,7 +8,9 @@ edgevlm.export.fuse).
 
     nice -n 19 python benchmarks/quantize_demo.py [--gate-studies 50] [--calib 32] [--out runs/quantize-demo]
     nice -n 19 python benchmarks/quantize_demo.py --gate-studies 200 --gates-only \
-        --int4-variants block16,hqq,gptq,acc0 --json benchmarks/results/quantize-demo-gate200.json
+        [--int4-variants block16,hqq,gptq,acc0] --json benchmarks/results/quantize-demo-gate200.json
+    nice -n 19 python benchmarks/quantize_demo.py --words int8,int4 --gate-studies 400 --gates-only \
+        --json benchmarks/results/quantize-demo-gate400.json
     nice -n 19 python benchmarks/quantize_demo.py --model edgevlm/assets/demo-small.safetensors \
         --words fp32,int8,int4 --gates-only --json benchmarks/results/quantize-demo-small.json
 
@@ -132,8 +134,11 @@ def main() -> None:
         int4_variants(asset, out, qcfg, results, args.int4_variants.split(","))
     if not args.gates_only:
         extra_cases(asset, out, qcfg, results)
+    from edgevlm.checkpoint import file_sha256
+
     record = {"benchmark": "quantize-demo", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "model": asset.name, "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",
+              "model": asset.name, "model_sha256": file_sha256(asset),
+              "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",
               "calibration": f"synthetic:{args.calib} (seeds 2000000..)", "config": qcfg.to_dict(),
               "export_seconds": timings, "results": results}
     args.json.write_text(json.dumps(record, indent=2))
