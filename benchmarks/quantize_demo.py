@@ -104,6 +104,8 @@ def main() -> None:
     from edgevlm.export import export_bundle
     from edgevlm.export.quantize import QuantConfig
 
+    from edgevlm.checkpoint import file_sha256
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gate-studies", type=int, default=50)
     p.add_argument("--calib", type=int, default=32)
@@ -134,8 +136,6 @@ def main() -> None:
         int4_variants(asset, out, qcfg, results, args.int4_variants.split(","))
     if not args.gates_only:
         extra_cases(asset, out, qcfg, results)
-    from edgevlm.checkpoint import file_sha256
-
     record = {"benchmark": "quantize-demo", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": asset.name, "model_sha256": file_sha256(asset),
               "gate_studies": f"synthetic:{args.gate_studies} (seeds 1000000..)",

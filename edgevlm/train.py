@@ -854,12 +854,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     autocast = autocast_context(cfg.autocast, torch.device(cfg.device))
     init_ckpt, init_record = None, {}
     if cfg.init:
-        from edgevlm.checkpoint import file_sha256, load_checkpoint
+        from edgevlm.checkpoint import load_checkpoint
 
         init_ckpt = load_checkpoint(cfg.init)
         if not init_ckpt.tokenizer_json:
             raise EdgeVLMError("--init needs a checkpoint that carries its tokenizer", cfg.init)
-        init_record = {"init": {"source": Path(cfg.init).name, "sha256": file_sha256(cfg.init)}}
+        init_record = {"init": {"source": Path(cfg.init).name, "sha256": init_ckpt.sha256}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -870,13 +870,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
     torch.manual_seed(cfg.seed)
 
     tok_path = out_dir / "tokenizer.json"
-    if resume and tok_path.exists():
-        from edgevlm.models.tokenizer import load_tokenizer
+    from edgevlm.models.tokenizer import load_tokenizer
 
+    if resume and tok_path.exists():
         tokenizer = load_tokenizer(tok_path.read_text())
     elif init_ckpt is not None:
-        from edgevlm.models.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(init_ckpt.tokenizer_json)
         atomic_write(tok_path, lambda p: p.write_text(tokenizer.to_str()))
     else:
