@@ -2,6 +2,8 @@
 decoder precision and as % of the memory-bandwidth bound, weight bytes, peak RSS of inference.
 
     nice -n 19 python benchmarks/quantize.py [--threads 2] [--new-tokens 16] [--repeats 3] [--layers 2]
+    python benchmarks/quantize.py --variants fp32,int8,int8-dynamic,int4 --vision-pairs 0 \
+        --json benchmarks/results/quantize-int8-decoders-epyc.json   # decoders only, another CPU's record
 
 Model (random weights; speed does not depend on the values): ViT-B (768 x 12) on 32x256x256, patch 4x16x16
 (2048 tokens), spp -> 256 visual tokens; Phi-3-width decoder (3072, fused qkv / gate_up, vocab 32015) with
@@ -123,7 +125,7 @@ def prepare(work: Path, layers: int) -> dict:
             quantize_vision_int8(source, work / name, vols, resolve_int8_attention(QuantConfig(), "cpu", fused))
     fp32 = onnx.load(str(work / "decoder-fp32.onnx"))
     gemm_to_matmul(fp32)
-    jobs = {"decoder-int8.onnx": ("int8", "int8", QuantConfig()),
+    jobs = {"decoder-int8.onnx": ("int8", "int8", QuantConfig(int8_decoder="nbits")),
             "decoder-int8dyn.onnx": ("int8", "int8", QuantConfig(int8_decoder="dynamic")),
             "decoder-int4.onnx": ("int4", "int8", QuantConfig()),
             "decoder-int4all.onnx": ("int4", "int4", QuantConfig())}
@@ -256,7 +258,9 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--vision-repeats", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--vision-pairs", type=int, default=7, help="alternated fp32/int8 vision runs (side by side)")
+    p.add_argument("--vision-pairs", type=int, default=7,
+                   help="alternated fp32/int8 vision runs (side by side); 0 skips the side-by-side vision run")
+    p.add_argument("--json", default=str(RESULTS), help="where the record goes (default: the committed one)")
     p.add_argument("--vision-pair-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -297,10 +301,12 @@ def main() -> None:
         r["bundle_bytes"] = (work / vision).stat().st_size + (work / decoder).stat().st_size + table_bytes
         results[name] = r
         (work / "partial.json").write_text(json.dumps(results, indent=2))  # survives an interrupted run
-    print("running vision fp32 / int8 side by side", flush=True)
-    cmd = [sys.executable, __file__, "--vision-pair-worker", "--work", str(work), "--threads", str(args.threads),
-           "--layers", str(args.layers), "--vision-repeats", str(args.vision_pairs)]
-    vision_pair = run_worker(cmd, "vision pair")
+    vision_pair = None
+    if args.vision_pairs:
+        print("running vision fp32 / int8 side by side", flush=True)
+        cmd = [sys.executable, __file__, "--vision-pair-worker", "--work", str(work), "--threads",
+               str(args.threads), "--layers", str(args.layers), "--vision-repeats", str(args.vision_pairs)]
+        vision_pair = run_worker(cmd, "vision pair")
     f32 = results.get("fp32")
     summary = {}
     if f32:
@@ -311,7 +317,7 @@ def main() -> None:
                 "layer_bytes_ratio": r["decoder_weight_bytes"]["layers"] / f32["decoder_weight_bytes"]["layers"],
                 "bundle_bytes_ratio": r["bundle_bytes"] / f32["bundle_bytes"],
             }
-    summary["vision_int8_side_by_side"] = vision_pair["speedup_median_of_pairs"]
+    summary["vision_int8_side_by_side"] = vision_pair["speedup_median_of_pairs"] if vision_pair else None
     targets = {"vision_int8_speedup_min": 1.8, "int4_decode_speedup_min": 3.0, "int4_pct_of_bound_min": 40.0,
                "int4_layer_bytes_ratio_max": 0.2}
     print(f"\nread bandwidth {bandwidth:.1f} GB/s, threads {args.threads}, {args.layers} decoder layers")
@@ -325,12 +331,13 @@ def main() -> None:
               f"{r['decoder_weight_bytes']['layers'] / 1e6:>11.1f}{r['decoder_weight_bytes']['lm_head'] / 1e6:>11.1f}"
               f"{s.get('layer_bytes_ratio', 0):>12.3f}{s.get('bundle_bytes_ratio', 0):>13.3f}"
               f"{r['peak_rss_mib'] or 0:>14.0f}")
-    pair_ms = vision_pair["vision_ms"]
-    print(f"vision side by side ({args.vision_pairs} interleaved runs each): fp32 {pair_ms['fp32']:.0f} ms, int8 "
-          f"{pair_ms['int8']:.0f} ms, int8 {vision_pair['speedup_median_of_pairs']:.2f}x fp32 (median of pairs; "
-          f"target >= 1.8x); plain attention (TensorRT form): fp32 {pair_ms['fp32-plain']:.0f} ms, int8 "
-          f"{pair_ms['int8-plain']:.0f} ms, {vision_pair['plain_speedup_median_of_pairs']:.2f}x; fused fp32 "
-          f"{vision_pair['fp32_fused_vs_plain_median']:.2f}x plain fp32")
+    pair_ms = vision_pair["vision_ms"] if vision_pair else None
+    if pair_ms:
+        print(f"vision side by side ({args.vision_pairs} interleaved runs each): fp32 {pair_ms['fp32']:.0f} ms, int8 "
+              f"{pair_ms['int8']:.0f} ms, int8 {vision_pair['speedup_median_of_pairs']:.2f}x fp32 (median of pairs; "
+              f"target >= 1.8x); plain attention (TensorRT form): fp32 {pair_ms['fp32-plain']:.0f} ms, int8 "
+              f"{pair_ms['int8-plain']:.0f} ms, {vision_pair['plain_speedup_median_of_pairs']:.2f}x; fused fp32 "
+              f"{vision_pair['fp32_fused_vs_plain_median']:.2f}x plain fp32")
     record = {
         "benchmark": "quantize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -347,8 +354,9 @@ def main() -> None:
         "vision_side_by_side": vision_pair,
         "summary": summary,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=2))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
     print(json.dumps({"summary": summary}))
 
 
