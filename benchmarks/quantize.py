@@ -331,8 +331,8 @@ def main() -> None:
               f"{r['decoder_weight_bytes']['layers'] / 1e6:>11.1f}{r['decoder_weight_bytes']['lm_head'] / 1e6:>11.1f}"
               f"{s.get('layer_bytes_ratio', 0):>12.3f}{s.get('bundle_bytes_ratio', 0):>13.3f}"
               f"{r['peak_rss_mib'] or 0:>14.0f}")
-    pair_ms = vision_pair["vision_ms"] if vision_pair else None
-    if pair_ms:
+    if vision_pair:
+        pair_ms = vision_pair["vision_ms"]
         print(f"vision side by side ({args.vision_pairs} interleaved runs each): fp32 {pair_ms['fp32']:.0f} ms, int8 "
               f"{pair_ms['int8']:.0f} ms, int8 {vision_pair['speedup_median_of_pairs']:.2f}x fp32 (median of pairs; "
               f"target >= 1.8x); plain attention (TensorRT form): fp32 {pair_ms['fp32-plain']:.0f} ms, int8 "
