@@ -39,11 +39,11 @@ BANDS_MM = ((6, 10), (10, 16), (16, 31))
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC as the rank statistic (ties broken by order; scores here are continuous)."""
-    y = np.asarray(y, bool)
-    rank = np.argsort(np.argsort(score)) + 1.0
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    return round(float((rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)), 3)
+    """ROC AUC as the training loop measures it (`finding_auc`: the rank statistic, 3 decimals)."""
+    from edgevlm.train import finding_auc
+
+    y_col = torch.from_numpy(np.asarray(y, bool)).float()[:, None]
+    return finding_auc(torch.from_numpy(np.asarray(score, np.float64))[:, None], y_col, ("nodule",))["nodule"]
 
 
 def band_aucs(y: np.ndarray, score: np.ndarray, solid_mm: np.ndarray) -> dict[str, float]:
