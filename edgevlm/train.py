@@ -823,13 +823,19 @@ def heldout_seeds(cfg: TrainConfig) -> range:
 def finding_auc(scores: torch.Tensor, targets: torch.Tensor,
                 labels: tuple[str, ...] | None = None) -> dict[str, float]:
     """ROC AUC per label (rank statistic; labels without both classes are left out). Columns are
-    `finding_labels()` unless `labels` names them."""
+    `finding_labels()` unless `labels` names them.
+
+    Tied scores share their mean rank, so a tie counts half, as the area under the ROC curve does: bf16
+    logits and integer filter scores tie often, and ranks broken by sort order made the same scores give
+    different AUCs under numpy's and torch's sorts."""
     out = {}
     for j, label in enumerate(labels or finding_labels()):
         y = targets[:, j].bool()
         n_pos, n_neg = int(y.sum()), int((~y).sum())
         if n_pos and n_neg:
-            rank = scores[:, j].float().argsort().argsort().double() + 1
+            _, which, counts = scores[:, j].double().unique(return_inverse=True, return_counts=True)
+            mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # ranks of a tie run, averaged
+            rank = mean_rank[which]
             out[label] = round(float((rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)), 3)
     return out
 

@@ -467,3 +467,25 @@ def test_init_refuses_a_checkpoint_without_a_tokenizer(tmp_path):
     with pytest.raises(EdgeVLMError, match=r"bare\.safetensors: --init needs a checkpoint that carries its tokenizer"):
         train(TrainConfig(init=str(bare)), tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_finding_auc_is_the_mann_whitney_statistic_with_ties_counted_half():
+    """Against scipy's Mann-Whitney U on fresh random integer scores (many ties), and the two cases that
+    pin tie handling: all scores equal is 0.5 whatever the labels' order, a perfect split is 1."""
+    from scipy.stats import mannwhitneyu
+
+    from edgevlm.train import finding_auc
+
+    rng = np.random.default_rng()
+    scores = rng.integers(0, 4, (60, 3)).astype(np.float64)
+    truth = rng.integers(0, 2, (60, 3))
+    truth[:2] = [[0, 0, 0], [1, 1, 1]]  # both classes in every column
+    got = finding_auc(torch.from_numpy(scores), torch.from_numpy(truth).float(), ("a", "b", "c"))
+    for j, label in enumerate("abc"):
+        y = truth[:, j] == 1
+        u = mannwhitneyu(scores[y, j], scores[~y, j]).statistic
+        assert got[label] == round(float(u / (y.sum() * (~y).sum())), 3)
+    flat = finding_auc(torch.zeros(6, 1), torch.tensor([[1.0], [1.0], [0.0], [0.0], [0.0], [1.0]]), ("x",))
+    assert flat == {"x": 0.5}
+    split = finding_auc(torch.tensor([[0.1], [0.1], [0.9], [0.9]]), torch.tensor([[0.0], [0.0], [1.0], [1.0]]), ("x",))
+    assert split == {"x": 1.0}
