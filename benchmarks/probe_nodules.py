@@ -1,6 +1,6 @@
 """Why the demo teacher states no nodules: is it the input, the objective, or the encoder?
 
-    python benchmarks/probe_nodules.py --run RUN [--steps 800] [--encoders vit,cnn] [--threads 2]
+    python benchmarks/probe_nodules.py --run RUN [--steps 800] [--encoders vit,cnn,seg,hybrid,staged] [--threads 2]
 
 RUN is an `edgevlm train` output folder: its cached training set (`volumes-N.npy`, the studies at the
 model grid, seeds 0..N-1) and per-patch lesion targets (`lesions-N.npy`, `lesion_patch_targets`) are
@@ -17,6 +17,18 @@ last 400 held out:
   same 8x8x8 patch grid, each cell centred on its patch. If an encoder trained on nothing else cannot
   rank held-out studies, no loss weighting in the full recipe will make the teacher write nodules.
 
+- `seg` / `hybrid` / `staged`: a dense objective instead, on the nodule's voxel mask (the study
+  rendered again without its nodules, voxels moved by more than the loop's LESION_DELTA; cached in RUN as
+  `nodule-masks-N.npz`), batches of 8 with half of them nodule studies so every step has dense positives.
+  `seg` is four convolutions (GroupNorm, GELU) to a 32 x 32 x 32 voxel-logit map (1 x 4 x 4 blocks of the
+  grid), trained with voxel BCE (positives weighted 10); its study score is the map's max. `hybrid` puts the
+  same kind of stem under the demo-tiny ViT: the stem's 32 x 32 x 32 features feed a voxel head (the dense
+  loss) and, through two strided convolutions, the 8 x 8 x 8 patch tokens that replace the ViT's linear
+  patch embedding, whose patch head keeps the per-patch and study-level objective of `vit`; both of its
+  scores are reported (`seg` and `patch`). `staged` (after `seg` in --encoders) is the hybrid with `seg`'s
+  trained stem and voxel head frozen, the rest trained on the patch objective alone. They ask whether the
+  signal a detector learns from dense masks reaches the ViT's patch tokens.
+
 Study-level ROC AUC overall and by the largest solid nodule's size band (studies with only ground-glass
 or no solid nodule of that band are left out of a band; nodule-free studies are the negatives
 everywhere). Writes benchmarks/results/probe-nodules.json (or --json).
@@ -28,6 +40,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,15 +51,16 @@ HELDOUT = 400
 BANDS_MM = ((6, 10), (10, 16), (16, 31))
 
 
-def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC as the training loop measures it (`finding_auc`: the rank statistic, 3 decimals)."""
+def auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC as the training loop measures it (`finding_auc`: the rank statistic, ties counted half, 3
+    decimals); None when `y` holds one class only."""
     from edgevlm.train import finding_auc
 
     y_col = torch.from_numpy(np.asarray(y, bool)).float()[:, None]
-    return finding_auc(torch.from_numpy(np.asarray(score, np.float64))[:, None], y_col, ("nodule",))["nodule"]
+    return finding_auc(torch.from_numpy(np.asarray(score, np.float64))[:, None], y_col, ("nodule",)).get("nodule")
 
 
-def band_aucs(y: np.ndarray, score: np.ndarray, solid_mm: np.ndarray) -> dict[str, float]:
+def band_aucs(y: np.ndarray, score: np.ndarray, solid_mm: np.ndarray) -> dict[str, float | None]:
     out = {"all": auc(y, score)}
     for lo, hi in BANDS_MM:
         keep = ~y | ((solid_mm >= lo) & (solid_mm < hi))
@@ -86,6 +100,174 @@ class ConvEncoder(torch.nn.Module):
 
     def patch_tokens(self, volume: torch.Tensor) -> torch.Tensor:
         return self.net(volume).flatten(2).transpose(1, 2)  # raster (d, h, w) order, as patchify
+
+
+def _conv_block(c_in: int, c_out: int, kernel: Any, stride: Any, padding: Any) -> list[torch.nn.Module]:
+    return [torch.nn.Conv3d(c_in, c_out, kernel, stride, padding), torch.nn.GroupNorm(8, c_out), torch.nn.GELU()]
+
+
+def dense_stem(width: int) -> torch.nn.Sequential:
+    """(B, 1, 32, 128, 128) -> (B, 2 * width, 32, 32, 32); even in-plane kernels keep each cell centred on its
+    1 x 4 x 4 block of the grid (cell j at 4j + 1.5)."""
+    return torch.nn.Sequential(*_conv_block(1, width, (1, 4, 4), (1, 2, 2), (0, 1, 1)),
+                               *_conv_block(width, 2 * width, (1, 4, 4), (1, 2, 2), (0, 1, 1)),
+                               *_conv_block(2 * width, 2 * width, 3, 1, 1), *_conv_block(2 * width, 2 * width, 3, 1, 1))
+
+
+class SegEncoder(torch.nn.Module):
+    """A nodule segmenter: `dense_stem` and a 1x1x1 voxel-logit head, (B, 1, 32, 128, 128) -> (B, 1, 32, 32, 32)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = dense_stem(width)
+        self.voxel_head = torch.nn.Conv3d(2 * width, 1, 1)
+
+    def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.voxel_head(self.stem(volume)), None
+
+
+class HybridEncoder(torch.nn.Module):
+    """`dense_stem` under the demo-tiny ViT: voxel logits from the stem, and per-patch nodule logits from the
+    ViT's tokens, whose patch embedding is two strided convolutions on the stem's features (cells centred on
+    the 4 x 16 x 16 patches, raster d, h, w order as `patchify`)."""
+
+    def __init__(self, vit: torch.nn.Module, dim: int, width: int = 16) -> None:
+        super().__init__()
+        self.vit = vit
+        self.stem = dense_stem(width)
+        self.voxel_head = torch.nn.Conv3d(2 * width, 1, 1)
+        self.to_tokens = torch.nn.Sequential(*_conv_block(2 * width, 4 * width, 4, 2, 1),
+                                             torch.nn.Conv3d(4 * width, dim, 4, 2, 1))
+        self.patch_head = torch.nn.Linear(dim, 1)
+
+    def patch_tokens(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(volume)[1]
+
+    def forward_features(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.stem(volume)
+        x = self.to_tokens(features).flatten(2).transpose(1, 2) + self.vit.position_embedding()
+        for block in self.vit.blocks:
+            x = block(x)
+        return features, self.vit.norm(x)
+
+    def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, tokens = self.forward_features(volume)
+        return self.voxel_head(features), self.patch_head(tokens)[..., 0]
+
+
+def nodule_voxel_masks(run: Path, n: int, specs: list) -> dict[int, np.ndarray]:
+    """{study: (32, 128, 128) bool} for the nodule studies of RUN's training set, cached in RUN: the voxels the
+    study's nodules move by more than LESION_DELTA (what `lesion_voxel_masks` marks for the nodule type)."""
+    import dataclasses
+
+    from edgevlm.models import PRESETS
+    from edgevlm.train import LESION_DELTA, render_spec
+
+    shape = (32, 128, 128)
+    cache = run / f"nodule-masks-{n}.npz"
+    if cache.exists():
+        packed = np.load(cache)
+        return {int(k): np.unpackbits(packed[k])[:np.prod(shape)].reshape(shape).astype(bool) for k in packed.files}
+    cfg = PRESETS["demo-tiny"]()
+    volumes = np.load(sorted(run.glob(f"volumes-{n}.npy"))[0], mmap_mode="r")
+    masks, t0 = {}, time.perf_counter()
+    for seed, spec in enumerate(specs):
+        if any(f.type == "nodule" for f in spec.findings):
+            without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != "nodule"])
+            masks[seed] = np.abs(np.asarray(volumes[seed], np.float32) - render_spec(without, cfg)) > LESION_DELTA
+    print(f"nodule voxel masks for {len(masks)} studies in {time.perf_counter() - t0:.0f} s", flush=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **{str(k): np.packbits(m) for k, m in masks.items()})
+    tmp.replace(cache)
+    return masks
+
+
+def patchify_mask(mask: np.ndarray) -> np.ndarray:
+    """(32, 128, 128) bool -> (512,) bool: the demo-tiny patches holding a voxel of the mask (raster d, h, w)."""
+    return mask.reshape(8, 4, 8, 16, 8, 16).any((1, 3, 5)).reshape(-1)
+
+
+def dense_targets(masks: dict[int, np.ndarray], batch: np.ndarray) -> torch.Tensor:
+    """(B, 1, 32, 32, 32): a cell is positive when any voxel of its 1 x 4 x 4 block is."""
+    out = torch.zeros(len(batch), 1, 32, 32, 32)
+    for row, seed in enumerate(batch):
+        if int(seed) in masks:
+            out[row, 0] = F.max_pool3d(torch.from_numpy(masks[int(seed)])[None].float(), (1, 4, 4))[0]
+    return out
+
+
+def train_dense(kind: str, volumes: torch.Tensor, masks: dict[int, np.ndarray], targets: torch.Tensor,
+                has_nodule: torch.Tensor, train_idx: np.ndarray, test_idx: np.ndarray, solid_mm: np.ndarray,
+                steps: int, trained_seg: SegEncoder | None = None) -> tuple[dict, torch.nn.Module]:
+    """`seg`, `hybrid` or `staged` (module docstring): dense voxel BCE, plus the `vit` objective on the
+    hybrid's patch head; `staged` takes `trained_seg`'s stem and voxel head frozen and trains the rest on
+    the patch objective alone. Returns the record and the trained model."""
+    torch.manual_seed(0)
+    if kind == "seg":
+        model = SegEncoder()
+    else:
+        vit, dim = make_encoder("vit", volumes, train_idx)
+        model = HybridEncoder(vit, dim)
+        if kind == "staged":
+            model.stem.load_state_dict(trained_seg.stem.state_dict())
+            model.voxel_head.load_state_dict(trained_seg.voxel_head.state_dict())
+            model.stem.requires_grad_(False)
+            model.voxel_head.requires_grad_(False)
+    dense_loss = kind != "staged"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
+    rng = np.random.default_rng(0)
+    positives = np.array([i for i in train_idx if int(i) in masks])
+
+    def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.autocast("cpu", torch.bfloat16):
+            voxel, patch = model(volumes[idx].float()[:, None])
+        return voxel.float(), None if patch is None else patch.float()
+
+    @torch.no_grad()
+    def study_scores(idx: np.ndarray) -> dict[str, np.ndarray]:
+        model.eval()
+        voxel, patch = [], []
+        for i in range(0, len(idx), 16):
+            v, p = forward(idx[i:i + 16])
+            voxel.append(v.flatten(1).amax(1))
+            patch.append(None if p is None else p.amax(1))
+        model.train()
+        out = {"seg": torch.cat(voxel).numpy()}
+        if patch[0] is not None:
+            out["patch"] = torch.cat(patch).numpy()
+        return out
+
+    def bands(idx: np.ndarray) -> dict[str, dict[str, float]]:
+        y = has_nodule[idx].numpy() > 0
+        return {name: band_aucs(y, score, solid_mm[idx]) for name, score in study_scores(idx).items()}
+
+    history, t0 = [], time.perf_counter()
+    for step in range(steps):
+        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = np.r_[rng.choice(positives, 4, replace=False), rng.choice(train_idx, 4, replace=False)]
+        voxel, patch = forward(batch)
+        loss = torch.zeros(())
+        if dense_loss:
+            loss = F.binary_cross_entropy_with_logits(voxel, dense_targets(masks, batch), pos_weight=torch.tensor(10.0))
+        if patch is not None:
+            loss = (loss + F.binary_cross_entropy_with_logits(patch, targets[batch], pos_weight=torch.tensor(20.0))
+                    + F.binary_cross_entropy_with_logits(patch.amax(1), has_nodule[batch]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            train_rows, test_rows = bands(train_idx[:400]), bands(test_idx)
+            row = {"step": step + 1, "seconds": round(time.perf_counter() - t0)}
+            for name in train_rows:  # the patch head is what the teacher's tokens carry: "heldout" when there is one
+                key = "" if name == ("patch" if "patch" in train_rows else "seg") else f"_{name}"
+                row[f"train_400{key}"], row[f"heldout{key}"] = train_rows[name], test_rows[name]
+            print(kind, json.dumps(row), flush=True)
+            history.append(row)
+    return {"steps": steps, "batch": "8 (4 nodule studies, 4 drawn from all)", "history": history,
+            "final": history[-1]}, model
 
 
 def make_encoder(kind: str, volumes: torch.Tensor, train_idx: np.ndarray) -> tuple[torch.nn.Module, int]:
@@ -186,8 +368,21 @@ def main() -> None:
               "blob_filter": {"heldout": band_aucs(has_nodule[test_idx].numpy() > 0, blob, solid_mm[test_idx]),
                               "seconds": round(time.perf_counter() - t0)}}
     print("blob_filter", json.dumps(record["blob_filter"]), flush=True)
-    for kind in args.encoders.split(","):
-        record[kind] = train_probe(kind, volumes, targets, has_nodule, train_idx, test_idx, solid_mm, args.steps)
+    kinds = args.encoders.split(",")
+    unknown = set(kinds) - {"vit", "cnn", "seg", "hybrid", "staged"}
+    if unknown:
+        raise SystemExit(f"--encoders: unknown {', '.join(sorted(unknown))} (vit, cnn, seg, hybrid, staged)")
+    if "staged" in kinds and ("seg" not in kinds or kinds.index("seg") > kinds.index("staged")):
+        raise SystemExit("--encoders: staged builds on seg's trained stem: list seg before it")
+    masks = nodule_voxel_masks(args.run, n, specs) if {"seg", "hybrid", "staged"} & set(kinds) else {}
+    trained_seg = None
+    for kind in kinds:
+        if kind in ("seg", "hybrid", "staged"):
+            record[kind], model = train_dense(kind, volumes, masks, targets, has_nodule, train_idx, test_idx,
+                                              solid_mm, args.steps, trained_seg)
+            trained_seg = model if kind == "seg" else trained_seg
+        else:
+            record[kind] = train_probe(kind, volumes, targets, has_nodule, train_idx, test_idx, solid_mm, args.steps)
     from edgevlm.bench.fingerprint import environment
 
     record["environment"] = {"cpu": environment()["cpu"], "threads": args.threads}
@@ -196,7 +391,7 @@ def main() -> None:
     print(f"\n{'study AUC (held out)':<22}" + "".join(f"{k:>16}" for k in record["blob_filter"]["heldout"]))
     for name in ("blob_filter", *args.encoders.split(",")):
         row = record[name]["heldout"] if name == "blob_filter" else record[name]["final"]["heldout"]
-        print(f"{name:<22}" + "".join(f"{v:>16.3f}" for v in row.values()))
+        print(f"{name:<22}" + "".join(f"{'-' if v is None else f'{v:.3f}':>16}" for v in row.values()))
 
 
 if __name__ == "__main__":
