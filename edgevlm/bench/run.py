@@ -113,7 +113,7 @@ def run_worker(spec: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
     result: dict[str, Any] | None = None
     errors: list[str] = []
 
-    def handle(line: str) -> None:
+    def handle(line: str, forward: bool = True) -> None:
         nonlocal result
         if not line.startswith(EVENT_PREFIX):
             return  # a library printing to stdout; events are only the prefixed lines
@@ -122,7 +122,7 @@ def run_worker(spec: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
             result = event["result"]
         elif event["event"] == "error":
             errors.append(event["message"])
-        else:
+        elif forward:
             on_event(event)
 
     with open(stderr_path, "w") as err:
@@ -140,8 +140,10 @@ def run_worker(spec: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
             except subprocess.TimeoutExpired:  # a worker stuck in native code: give up on its partial result
                 proc.kill()
                 rest, _ = proc.communicate()
+            # Progress the worker sent after the interrupt is not passed on: the caller is stopping, and its
+            # handler raising again here (as the one that stopped it did) would lose the partial result.
             for line in (rest or "").splitlines():
-                handle(line)
+                handle(line, forward=False)
             raise _Interrupted(result) from None
     if result is None or errors or proc.returncode != 0:
         tail = stderr_path.read_text().strip().splitlines()[-3:]

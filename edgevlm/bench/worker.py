@@ -13,7 +13,8 @@ scenarios follow MLPerf Inference (DESIGN.md decision 9):
   accuracy       a report plus every ground-truth question per study, scored as `edgevlm eval` does
                  (batched per study, like eval); token ids kept for agreement with the reference.
 
-Ctrl-C: the worker stops where it is and still emits what it measured (complete: false).
+Ctrl-C: the worker stops at its next progress event (after the measurement under way) and still emits what
+it measured (complete: false).
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def run_config(spec: dict, emit: Emit, result: dict) -> dict:
         memory.mark("load")
         emit({"event": "progress", "phase": "load", "done": 0, "total": 1})
         session = load_bundle(spec["bundle"], backend=spec["backend"], threads=spec.get("threads"))
+        emit({"event": "progress", "phase": "load", "done": 1, "total": 1})  # also where a Ctrl-C during load stops
         result["bundle_load_ms"] = session.load_ms
         result["providers"] = session.providers
         result["device"] = getattr(session.backend, "device", "cpu")
@@ -207,9 +209,21 @@ def run_config(spec: dict, emit: Emit, result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    stop_requested = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # Ctrl-C is acted on between measurements (the progress events below), not where it lands: raised
+        # asynchronously, a KeyboardInterrupt would cut into onnxruntime, torch or pydicom calls and drop
+        # the sample under way; this way every sample in the partial result is whole.
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, on_sigint)
 
     def emit(event: dict) -> None:
         print(EVENT_PREFIX + json.dumps(event), flush=True)
+        if stop_requested and event["event"] == "progress":
+            raise KeyboardInterrupt
 
     from edgevlm.errors import EdgeVLMError
 
@@ -221,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         emit({"event": "result", "result": finalize(result)})
         return 2
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not lose what was measured
         emit({"event": "result", "result": finalize(result)})
         return 130
     emit({"event": "result", "result": finalize(result)})
