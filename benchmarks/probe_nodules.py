@@ -1,6 +1,7 @@
 """Why the demo teacher states no nodules: is it the input, the objective, or the encoder?
 
-    python benchmarks/probe_nodules.py --run RUN [--steps 800] [--encoders vit,cnn,seg,hybrid,staged] [--threads 2]
+    python benchmarks/probe_nodules.py --run RUN [--steps 800] [--encoders vit,cnn,seg,hybrid,staged] [--width 16]
+        [--threads 2]
 
 RUN is an `edgevlm train` output folder: its cached training set (`volumes-N.npy`, the studies at the
 model grid, seeds 0..N-1) and per-patch lesion targets (`lesions-N.npy`, `lesion_patch_targets`) are
@@ -27,7 +28,8 @@ last 400 held out:
   patch embedding, whose patch head keeps the per-patch and study-level objective of `vit`; both of its
   scores are reported (`seg` and `patch`). `staged` (after `seg` in --encoders) is the hybrid with `seg`'s
   trained stem and voxel head frozen, the rest trained on the patch objective alone. They ask whether the
-  signal a detector learns from dense masks reaches the ViT's patch tokens.
+  signal a detector learns from dense masks reaches the ViT's patch tokens. --width sets the stem's channels
+  (16, 32, 32, 32 at 16); `stem_latency_ms` times the stem at widths 8 and 16 beside the demo-tiny encoder.
 
 Study-level ROC AUC overall and by the largest solid nodule's size band (studies with only ground-glass
 or no solid nodule of that band are left out of a band; nodule-free studies are the negatives
@@ -196,18 +198,39 @@ def dense_targets(masks: dict[int, np.ndarray], batch: np.ndarray) -> torch.Tens
     return out
 
 
+def stem_latency_ms(widths: tuple[int, ...] = (8, 16), repeats: int = 15) -> dict[str, float]:
+    """Median ms of `dense_stem` per width on one study (fp32, batch 1, this process's threads), measured
+    side by side in one run; the demo-tiny encoder with its linear patch embedding alongside, for scale."""
+    from edgevlm.models import PRESETS, MedVLM
+
+    volume = torch.rand(1, 1, 32, 128, 128)
+    nets = {f"stem_w{w}": dense_stem(w).eval() for w in widths}
+    nets["demo_tiny_encoder"] = MedVLM(PRESETS["demo-tiny"]()).vision.eval()
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    with torch.no_grad():
+        for _ in range(3):
+            for net in nets.values():
+                net(volume)
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits every net alike
+            for name, net in nets.items():
+                start = time.perf_counter()
+                net(volume)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: round(float(np.median(t)), 1) for name, t in times.items()}
+
+
 def train_dense(kind: str, volumes: torch.Tensor, masks: dict[int, np.ndarray], targets: torch.Tensor,
                 has_nodule: torch.Tensor, train_idx: np.ndarray, test_idx: np.ndarray, solid_mm: np.ndarray,
-                steps: int, trained_seg: SegEncoder | None = None) -> tuple[dict, torch.nn.Module]:
+                steps: int, trained_seg: SegEncoder | None = None, width: int = 16) -> tuple[dict, torch.nn.Module]:
     """`seg`, `hybrid` or `staged` (module docstring): dense voxel BCE, plus the `vit` objective on the
     hybrid's patch head; `staged` takes `trained_seg`'s stem and voxel head frozen and trains the rest on
     the patch objective alone. Returns the record and the trained model."""
     torch.manual_seed(0)
     if kind == "seg":
-        model = SegEncoder()
+        model = SegEncoder(width)
     else:
         vit, dim = make_encoder("vit", volumes, train_idx)
-        model = HybridEncoder(vit, dim)
+        model = HybridEncoder(vit, dim, trained_seg.voxel_head.in_channels // 2 if kind == "staged" else width)
         if kind == "staged":
             model.stem.load_state_dict(trained_seg.stem.state_dict())
             model.voxel_head.load_state_dict(trained_seg.voxel_head.state_dict())
@@ -266,7 +289,7 @@ def train_dense(kind: str, volumes: torch.Tensor, masks: dict[int, np.ndarray], 
                 row[f"train_400{key}"], row[f"heldout{key}"] = train_rows[name], test_rows[name]
             print(kind, json.dumps(row), flush=True)
             history.append(row)
-    return {"steps": steps, "batch": "8 (4 nodule studies, 4 drawn from all)", "history": history,
+    return {"steps": steps, "width": width, "batch": "8 (4 nodule studies, 4 drawn from all)", "history": history,
             "final": history[-1]}, model
 
 
@@ -344,6 +367,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--encoders", default="vit,cnn")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--width", type=int, default=16, help="channels of the dense stem's first layer (seg, hybrid)")
     p.add_argument("--json", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -379,12 +403,14 @@ def main() -> None:
     for kind in kinds:
         if kind in ("seg", "hybrid", "staged"):
             record[kind], model = train_dense(kind, volumes, masks, targets, has_nodule, train_idx, test_idx,
-                                              solid_mm, args.steps, trained_seg)
+                                              solid_mm, args.steps, trained_seg, args.width)
             trained_seg = model if kind == "seg" else trained_seg
         else:
             record[kind] = train_probe(kind, volumes, targets, has_nodule, train_idx, test_idx, solid_mm, args.steps)
     from edgevlm.bench.fingerprint import environment
 
+    if {"seg", "hybrid", "staged"} & set(kinds):
+        record["stem_latency_ms"] = stem_latency_ms()
     record["environment"] = {"cpu": environment()["cpu"], "threads": args.threads}
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.json.write_text(json.dumps(record, indent=2))
