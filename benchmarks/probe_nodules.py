@@ -104,6 +104,11 @@ class ConvEncoder(torch.nn.Module):
         return self.net(volume).flatten(2).transpose(1, 2)  # raster (d, h, w) order, as patchify
 
 
+def probe_lr(step: int, steps: int) -> float:
+    """AdamW 1e-3, 50 warm-up steps, cosine down to 5%: the same schedule for every probe."""
+    return 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+
+
 def _conv_block(c_in: int, c_out: int, kernel: Any, stride: Any, padding: Any) -> list[torch.nn.Module]:
     return [torch.nn.Conv3d(c_in, c_out, kernel, stride, padding), torch.nn.GroupNorm(8, c_out), torch.nn.GELU()]
 
@@ -157,36 +162,27 @@ class HybridEncoder(torch.nn.Module):
         return self.voxel_head(features), self.patch_head(tokens)[..., 0]
 
 
-def nodule_voxel_masks(run: Path, n: int, specs: list) -> dict[int, np.ndarray]:
-    """{study: (32, 128, 128) bool} for the nodule studies of RUN's training set, cached in RUN: the voxels the
-    study's nodules move by more than LESION_DELTA (what `lesion_voxel_masks` marks for the nodule type)."""
-    import dataclasses
-
+def nodule_voxel_masks(run: Path, volumes: torch.Tensor, specs: list) -> dict[int, np.ndarray]:
+    """{study: (32, 128, 128) bool} for the nodule studies among `volumes` (RUN's cached renders), cached in
+    RUN as nodule-masks-N.npz: `lesion_voxel_masks` for the nodule type."""
     from edgevlm.models import PRESETS
-    from edgevlm.train import LESION_DELTA, render_spec
+    from edgevlm.train import lesion_voxel_masks
 
-    shape = (32, 128, 128)
-    cache = run / f"nodule-masks-{n}.npz"
+    shape = tuple(volumes.shape[1:])
+    cache = run / f"nodule-masks-{len(volumes)}.npz"
     if cache.exists():
         packed = np.load(cache)
         return {int(k): np.unpackbits(packed[k])[:np.prod(shape)].reshape(shape).astype(bool) for k in packed.files}
     cfg = PRESETS["demo-tiny"]()
-    volumes = np.load(sorted(run.glob(f"volumes-{n}.npy"))[0], mmap_mode="r")
     masks, t0 = {}, time.perf_counter()
     for seed, spec in enumerate(specs):
         if any(f.type == "nodule" for f in spec.findings):
-            without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != "nodule"])
-            masks[seed] = np.abs(np.asarray(volumes[seed], np.float32) - render_spec(without, cfg)) > LESION_DELTA
+            masks[seed] = lesion_voxel_masks(spec, volumes[seed].numpy(), cfg, types=("nodule",))[0]
     print(f"nodule voxel masks for {len(masks)} studies in {time.perf_counter() - t0:.0f} s", flush=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **{str(k): np.packbits(m) for k, m in masks.items()})
     tmp.replace(cache)
     return masks
-
-
-def patchify_mask(mask: np.ndarray) -> np.ndarray:
-    """(32, 128, 128) bool -> (512,) bool: the demo-tiny patches holding a voxel of the mask (raster d, h, w)."""
-    return mask.reshape(8, 4, 8, 16, 8, 16).any((1, 3, 5)).reshape(-1)
 
 
 def dense_targets(masks: dict[int, np.ndarray], batch: np.ndarray) -> torch.Tensor:
@@ -266,7 +262,7 @@ def train_dense(kind: str, volumes: torch.Tensor, masks: dict[int, np.ndarray], 
 
     history, t0 = [], time.perf_counter()
     for step in range(steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        lr = probe_lr(step, steps)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = np.r_[rng.choice(positives, 4, replace=False), rng.choice(train_idx, 4, replace=False)]
@@ -328,7 +324,7 @@ def train_probe(kind: str, volumes: torch.Tensor, targets: torch.Tensor, has_nod
 
     history, t0 = [], time.perf_counter()
     for step in range(steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        lr = probe_lr(step, steps)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = rng.choice(train_idx, 16, replace=False)
@@ -398,7 +394,7 @@ def main() -> None:
         raise SystemExit(f"--encoders: unknown {', '.join(sorted(unknown))} (vit, cnn, seg, hybrid, staged)")
     if "staged" in kinds and ("seg" not in kinds or kinds.index("seg") > kinds.index("staged")):
         raise SystemExit("--encoders: staged builds on seg's trained stem: list seg before it")
-    masks = nodule_voxel_masks(args.run, n, specs) if {"seg", "hybrid", "staged"} & set(kinds) else {}
+    masks = nodule_voxel_masks(args.run, volumes, specs) if {"seg", "hybrid", "staged"} & set(kinds) else {}
     trained_seg = None
     for kind in kinds:
         if kind in ("seg", "hybrid", "staged"):

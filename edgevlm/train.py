@@ -211,14 +211,15 @@ def patch_targets_from_masks(masks: np.ndarray, cfg: MedVLMConfig) -> np.ndarray
     return patches.T.numpy().astype(np.uint8)
 
 
-def lesion_voxel_masks(spec: Any, volume: np.ndarray, cfg: MedVLMConfig) -> np.ndarray:
-    """(len(LESION_TYPES), D, H, W) bool at the model grid: the voxels each focal finding type moves by
-    more than LESION_DELTA (the study rendered again without that type; see lesion_patch_targets)."""
+def lesion_voxel_masks(spec: Any, volume: np.ndarray, cfg: MedVLMConfig,
+                       types: tuple[str, ...] = LESION_TYPES) -> np.ndarray:
+    """(len(types), D, H, W) bool at the model grid: the voxels each focal finding type moves by more
+    than LESION_DELTA (the study rendered again without that type; see lesion_patch_targets)."""
     import dataclasses
 
     volume = np.asarray(volume, np.float32)
-    out = np.zeros((len(LESION_TYPES), *volume.shape), dtype=bool)
-    for j, kind in enumerate(LESION_TYPES):
+    out = np.zeros((len(types), *volume.shape), dtype=bool)
+    for j, kind in enumerate(types):
         if any(f.type == kind for f in spec.findings):
             without = dataclasses.replace(spec, findings=[f for f in spec.findings if f.type != kind])
             out[j] = np.abs(volume - render_spec(without, cfg)) > LESION_DELTA

@@ -95,20 +95,19 @@ def test_nodule_voxel_masks_mark_the_nodule_and_are_cached(benchmark_script, tmp
     probe = benchmark_script("probe_nodules")
     from edgevlm.data import sample_study
     from edgevlm.models import PRESETS
-    from edgevlm.train import lesion_patch_targets, render_spec
+    from edgevlm.train import lesion_patch_targets, patch_targets_from_masks, render_spec
 
     cfg = PRESETS["demo-tiny"]()
     specs = [sample_study(s) for s in (0, 3)]
     assert [any(f.type == "nodule" for f in s.findings) for s in specs] == [True, False]
-    volumes = np.stack([render_spec(s, cfg) for s in specs]).astype(np.float16)
-    np.save(tmp_path / "volumes-2.npy", volumes)
-    masks = probe.nodule_voxel_masks(tmp_path, 2, specs)
+    volumes = torch.from_numpy(np.stack([render_spec(s, cfg) for s in specs]).astype(np.float16))
+    masks = probe.nodule_voxel_masks(tmp_path, volumes, specs)
     assert set(masks) == {0} and 4 <= masks[0].sum() <= 400
-    patches = probe.patchify_mask(masks[0])
-    expected = lesion_patch_targets(specs[0], volumes[0].astype(np.float32), cfg)[:, 0].astype(bool)
+    patches = patch_targets_from_masks(masks[0][None], cfg)[:, 0].astype(bool)
+    expected = lesion_patch_targets(specs[0], volumes[0].float().numpy(), cfg)[:, 0].astype(bool)
     assert np.array_equal(patches, expected)
-    (tmp_path / "volumes-2.npy").unlink()  # a second call must not need the volumes: it reads the cache
-    again = probe.nodule_voxel_masks(tmp_path, 2, specs)
+    # A second call must read the cache, not the volumes: blank ones would give empty masks.
+    again = probe.nodule_voxel_masks(tmp_path, torch.zeros_like(volumes), specs)
     assert set(again) == {0} and np.array_equal(again[0], masks[0])
 
 
