@@ -51,6 +51,7 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).parent / "results" / "probe-nodules.json"
 HELDOUT = 400
 BANDS_MM = ((6, 10), (10, 16), (16, 31))
+DENSE_KINDS = ("seg", "hybrid", "staged")  # trained by train_dense on the voxel masks; vit and cnn by train_probe
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float | None:
@@ -165,6 +166,7 @@ class HybridEncoder(torch.nn.Module):
 def nodule_voxel_masks(run: Path, volumes: torch.Tensor, specs: list) -> dict[int, np.ndarray]:
     """{study: (32, 128, 128) bool} for the nodule studies among `volumes` (RUN's cached renders), cached in
     RUN as nodule-masks-N.npz: `lesion_voxel_masks` for the nodule type."""
+    from edgevlm.checkpoint import atomic_write
     from edgevlm.models import PRESETS
     from edgevlm.train import lesion_voxel_masks
 
@@ -179,9 +181,11 @@ def nodule_voxel_masks(run: Path, volumes: torch.Tensor, specs: list) -> dict[in
         if any(f.type == "nodule" for f in spec.findings):
             masks[seed] = lesion_voxel_masks(spec, volumes[seed].numpy(), cfg, types=("nodule",))[0]
     print(f"nodule voxel masks for {len(masks)} studies in {time.perf_counter() - t0:.0f} s", flush=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **{str(k): np.packbits(m) for k, m in masks.items()})
-    tmp.replace(cache)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to atomic_write's temp name
+            np.savez(f, **{str(k): np.packbits(m) for k, m in masks.items()})
+
+    atomic_write(cache, write)
     return masks
 
 
@@ -389,15 +393,16 @@ def main() -> None:
                               "seconds": round(time.perf_counter() - t0)}}
     print("blob_filter", json.dumps(record["blob_filter"]), flush=True)
     kinds = args.encoders.split(",")
-    unknown = set(kinds) - {"vit", "cnn", "seg", "hybrid", "staged"}
+    unknown = set(kinds) - {"vit", "cnn", *DENSE_KINDS}
     if unknown:
         raise SystemExit(f"--encoders: unknown {', '.join(sorted(unknown))} (vit, cnn, seg, hybrid, staged)")
     if "staged" in kinds and ("seg" not in kinds or kinds.index("seg") > kinds.index("staged")):
         raise SystemExit("--encoders: staged builds on seg's trained stem: list seg before it")
-    masks = nodule_voxel_masks(args.run, volumes, specs) if {"seg", "hybrid", "staged"} & set(kinds) else {}
+    dense = set(DENSE_KINDS) & set(kinds)
+    masks = nodule_voxel_masks(args.run, volumes, specs) if dense else {}
     trained_seg = None
     for kind in kinds:
-        if kind in ("seg", "hybrid", "staged"):
+        if kind in DENSE_KINDS:
             record[kind], model = train_dense(kind, volumes, masks, targets, has_nodule, train_idx, test_idx,
                                               solid_mm, args.steps, trained_seg, args.width)
             trained_seg = model if kind == "seg" else trained_seg
@@ -405,7 +410,7 @@ def main() -> None:
             record[kind] = train_probe(kind, volumes, targets, has_nodule, train_idx, test_idx, solid_mm, args.steps)
     from edgevlm.bench.fingerprint import environment
 
-    if {"seg", "hybrid", "staged"} & set(kinds):
+    if dense:
         record["stem_latency_ms"] = stem_latency_ms()
     record["environment"] = {"cpu": environment()["cpu"], "threads": args.threads}
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
