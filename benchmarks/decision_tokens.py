@@ -27,50 +27,11 @@ import numpy as np
 import torch
 
 from edgevlm.checkpoint import load_checkpoint
-from edgevlm.data.reports import _IMPRESSION_SLOTS, impression_answers
+from edgevlm.data.reports import _IMPRESSION_SLOTS
+from edgevlm.eval.operating_points import decision_probs
 from edgevlm.eval.runner import synthetic_studies
-from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
-from edgevlm.preprocess import preprocess
-from edgevlm.train import REPORT_QUESTIONS, finding_auc, model_recipe
-
-
-def decision_positions(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, bool]]:
-    """(index of the answer's first token, finding present) for each impression line of `text`, in
-    `_IMPRESSION_SLOTS` order; `offsets` are the tokenizer's character spans of `text`'s tokens."""
-    return [(next(k for k, (a, _) in enumerate(offsets) if a >= start), present)
-            for start, _, present in impression_answers(text)]
-
-
-@torch.no_grad()
-def decision_probs(ckpt, n_studies: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P(positive), truth, greedy says positive), each (n_studies, n_types) in `_IMPRESSION_SLOTS` order."""
-    model, cfg = ckpt.model.float().eval(), ckpt.config
-    tok = load_tokenizer(ckpt.tokenizer_json)
-    ids = special_ids(tok, cfg.prompt)
-    none_ids = tok.encode(" none", add_special_tokens=False).ids
-    if len(none_ids) != 1:
-        raise SystemExit(f"{path}: ' none' is {len(none_ids)} tokens in this tokenizer; the check needs one")
-    none_id = none_ids[0]
-    prompt = encode_prompt(tok, cfg, REPORT_QUESTIONS[0])
-    p_pos, truth, greedy = [], [], []
-    for study in synthetic_studies(n_studies):
-        # The training target is " " + report (`sequence_batch`): offsets below index into that text.
-        text = " " + study.truth["report"]
-        enc = tok.encode(text, add_special_tokens=False)
-        volume = preprocess(study.volume, model_recipe(cfg))
-        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-        visual = model.encode_image(x)
-        probs = model.decoder(model.embed(torch.tensor([prompt + enc.ids]), visual, ids.image))[0].float().softmax(-1)
-        row_p, row_t, row_g = [], [], []
-        for j, present in decision_positions(text, enc.offsets):
-            at = len(prompt) + j - 1  # the position whose logits predict answer token j
-            row_p.append(1.0 - float(probs[at, none_id]))
-            row_t.append(present)
-            row_g.append(int(probs[at].argmax()) != none_id)
-        p_pos.append(row_p)
-        truth.append(row_t)
-        greedy.append(row_g)
-    return np.array(p_pos), np.array(truth), np.array(greedy)
+from edgevlm.models.tokenizer import load_tokenizer
+from edgevlm.train import finding_auc
 
 
 def summarize(p_pos: np.ndarray, truth: np.ndarray, greedy: np.ndarray) -> dict:
@@ -103,7 +64,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.model)
     t0 = time.perf_counter()
-    per_type = summarize(*decision_probs(ckpt, args.studies, args.model))
+    p_none, truth, greedy = decision_probs(ckpt.model.float().eval(), load_tokenizer(ckpt.tokenizer_json),
+                                           synthetic_studies(args.studies))
+    per_type = summarize(1.0 - p_none, truth, greedy)
     print(f"{'finding':<18}{'n+':>4}{'AUC':>7}{'greedy recall':>15}{'P>0.5 recall':>14}{'greedy FPR':>12}"
           f"{'median P+':>11}")
     for kind, r in per_type.items():

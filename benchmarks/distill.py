@@ -32,8 +32,7 @@ from edgevlm.bench.fingerprint import environment
 from edgevlm.checkpoint import load_checkpoint
 from edgevlm.cli.train import _headline
 from edgevlm.eval.runner import model_predictor, run_eval, synthetic_studies
-from edgevlm.models import GenerationConfig
-from edgevlm.models.tokenizer import encode_prompt, load_tokenizer, special_ids
+from edgevlm.models.tokenizer import encode_prompt, generation_config, load_tokenizer, special_ids
 from edgevlm.preprocess import preprocess
 from edgevlm.train import REPORT_QUESTIONS, model_recipe
 
@@ -53,7 +52,7 @@ def time_study(ckpt, volume) -> dict:
     cfg = ckpt.config
     tok = load_tokenizer(ckpt.tokenizer_json)
     ids = special_ids(tok, cfg.prompt)
-    gen = GenerationConfig(max_new_tokens=cfg.prompt.max_new_tokens, stop_ids=ids.stop, pad_id=ids.pad)
+    gen = generation_config(tok, cfg)
     t0 = time.perf_counter()
     x = torch.from_numpy(np.ascontiguousarray(preprocess(volume, model_recipe(cfg)), dtype=np.float32))[None, None]
     t1 = time.perf_counter()
@@ -101,6 +100,8 @@ def write_asset_record(path: Path, student: Path, teacher: Path, extra: dict, re
         "teacher": {**distilled_from, "path": str(teacher)},
         "init": {k: v for k, v in run.get("init", {}).items() if k != "skipped"},
         "final_losses": run.get("final"),
+        # Its own decision thresholds, when `edgevlm operating-points` calibrated it after distillation.
+        "operating_points": (extra.get("operating_points") or {}).get("decisions"),
         "eval": {"heldout_studies": result["method"]["accuracy_studies"], "student": result["student"]["accuracy"],
                  "teacher": result["teacher"]["accuracy"], "retained": result["retained"]},
         "speed": {"speedup": result["speedup"], "student": result["student"]["speed"],

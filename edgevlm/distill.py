@@ -57,6 +57,7 @@ from edgevlm.train import (
     _render_worker,
     answer_outputs,
     answer_weights,
+    counterfactual_rows,
     impression_weights,
     lr_at,
     make_batch,
@@ -108,6 +109,9 @@ class DistillConfig:
     # 0.74, cardiomegaly 0.11 vs 1.00; benchmarks/results/decision-tokens-demo-small.json).
     impression_weight: float = 1.0
     positive_impression_weight: float = 1.0
+    # As TrainConfig.counterfactual_reports (labelled studies only): reports swapped for another study's,
+    # their impression answers out of the loss, so the student's findings text follows its impression too.
+    counterfactual_reports: float = 0.0
     init_from_teacher: bool = True
     # A trained checkpoint to start from instead of the teacher (same shape matching and layer map), e.g.
     # a shallower student from the shipped one: its layers already follow the teacher.
@@ -525,16 +529,18 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
         return qa_position_shifts(text_rng, s_qa.shape[0], max(s_qa.shape[1], t_qa.shape[1]), max_seq,
                                   cfg.qa_position_jitter)
 
+    specs = [s.spec for s in studies] if labeled else []
     student.train()
     t_step = time.perf_counter()
     for step in range(start_step, cfg.steps):
         idx = order_rng.sample(range(len(studies)), min(cfg.batch_studies, len(studies)))
         texts = [study_targets(studies[i], text_rng, cfg.qa_per_study) for i in idx]
+        swapped = counterfactual_rows(texts, specs, cfg.counterfactual_reports, text_rng) if labeled else set()
         args = batch_for([studies[i] for i in idx], texts, [t_patch[i] for i in idx], [t_visual[i] for i in idx])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)  # type: ignore[arg-type]  # same schedule fields as TrainConfig
         report_weights = impression_weights([t[0][1] for t in texts], args[0][1][1], tokenizer,
-                                            cfg.impression_weight, cfg.positive_impression_weight)
+                                            cfg.impression_weight, cfg.positive_impression_weight, swapped)
         with autocast:
             losses = distill_losses(student, teacher, projections, cfg, *args, labeled=labeled,
                                     sentence_ends=sentence_ends, qa_shift=qa_shift_for(args),

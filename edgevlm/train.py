@@ -89,6 +89,9 @@ class TrainConfig:
     # positive_impression_weight where the finding is present. 1 and 1: every token alike.
     impression_weight: float = 1.0
     positive_impression_weight: float = 1.0
+    # Fraction of text-stage report rows whose report is another training study's (`counterfactual_report`),
+    # its impression answers unweighted: the findings text is taught to follow the impression it follows.
+    counterfactual_reports: float = 0.0
     # "auto": bf16 autocast on CUDA, fp32 on the CPU; "bf16": bf16 autocast on either (on a CPU with
     # bf16 matrix units, AMX or AVX512-BF16, measured 1.7x faster per ViT step); "fp32": never.
     autocast: str = "auto"
@@ -311,11 +314,43 @@ def sequence_batch(pairs: list[tuple[str, str]], tokenizer: Any, model_cfg: MedV
     return input_ids.to(device), label_ids.to(device)
 
 
+def counterfactual_report(texts: tuple[tuple[str, str], list], specs: list, rng: random.Random
+                          ) -> tuple[tuple[str, str], list]:
+    """`study_texts`' output with its report swapped for a random training study's report.
+
+    Why: a generated report's FINDINGS text contradicted its own IMPRESSION (held-out, the teacher with
+    decision thresholds: "Lung mass: 61 mm, right lower lobe." then "No lung mass."; 6 of 10 masses called
+    in the impression, 0 in the findings, which `edgevlm eval` reads). Trained on true reports alone, the
+    findings text can follow the image instead of the impression and agree with it by construction. On a
+    swapped report the image no longer backs the impression, so its answers are left out of the loss
+    (`impression_weights`' `counterfactual` rows) and what is left to learn is findings text that follows
+    the impression it reads.
+    """
+    from edgevlm.data.reports import report_text
+
+    (question, _), qas = texts
+    other = specs[rng.randrange(len(specs))]
+    return (question, report_text(other, np.random.default_rng(rng.randrange(2**32)))), qas
+
+
+def counterfactual_rows(texts: list, specs: list, fraction: float, rng: random.Random) -> set[int]:
+    """Swap each of `texts`' reports for a random study's of `specs` with probability `fraction`, in place
+    (`counterfactual_report`); returns the swapped rows. Draws nothing at 0, so runs without it keep
+    their text sequence."""
+    if fraction <= 0:
+        return set()
+    swapped = {row for row in range(len(texts)) if rng.random() < fraction}
+    for row in sorted(swapped):
+        texts[row] = counterfactual_report(texts[row], specs, rng)
+    return swapped
+
+
 def impression_weights(reports: list[str], labels: torch.Tensor, tokenizer: Any, weight: float,
-                       positive_weight: float) -> torch.Tensor | None:
+                       positive_weight: float, counterfactual: set[int] | frozenset[int] = frozenset()
+                       ) -> torch.Tensor | None:
     """(B, T) report-loss weights for `sequence_batch`'s labels of `reports`: 1, and on the tokens of each
     structured-impression answer (`impression_answers`) `weight`, times `positive_weight` where the
-    finding is present; None when both are 1.
+    finding is present, 0 in the rows `counterfactual` names (`counterfactual_report`); None when all is 1.
 
     Why: teacher-forced on true reports, the candidate teacher ranked mass and consolidation studies at
     AUC 0.97-0.98 from P(" none") at the decision token, yet its greedy reports found 0 of 10 masses
@@ -326,7 +361,7 @@ def impression_weights(reports: list[str], labels: torch.Tensor, tokenizer: Any,
     """
     from edgevlm.data.reports import impression_answers
 
-    if weight == 1.0 and positive_weight == 1.0:
+    if weight == 1.0 and positive_weight == 1.0 and not counterfactual:
         return None
     out = torch.ones(labels.shape)
     for row, report in enumerate(reports):
@@ -338,7 +373,7 @@ def impression_weights(reports: list[str], labels: torch.Tensor, tokenizer: Any,
         offsets = tokenizer.encode(text, add_special_tokens=False).offsets
         first = int((labels[row] != -100).nonzero()[0])  # the target's first token
         for start, stop, present in answers:
-            w = weight * (positive_weight if present else 1.0)
+            w = 0.0 if row in counterfactual else weight * (positive_weight if present else 1.0)
             for k, (a, _) in enumerate(offsets):
                 if start <= a < stop:
                     out[row, first + k] = w
@@ -991,6 +1026,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
         else:
             batch = order_rng.sample(range(len(specs)), cfg.batch_studies)
             texts = [study_texts(specs[i], text_rng, cfg.qa_per_study) for i in batch]
+            swapped = counterfactual_rows(texts, specs, cfg.counterfactual_reports, text_rng)
             args = make_batch([volumes[i] for i in batch], texts, tokenizer, model_cfg, ids, device)
             with autocast:
                 aux = None if cfg.aux_weight <= 0 else (aux_head, train_findings[batch].to(device), cfg.aux_weight)
@@ -1003,7 +1039,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True,
                 if cfg.decoder_probe_weight > 0:
                     probe = (probe_head, train_findings[batch].to(device), cfg.decoder_probe_weight)
                 weights = impression_weights([t[0][1] for t in texts], args[1][1], tokenizer, cfg.impression_weight,
-                                             cfg.positive_impression_weight)
+                                             cfg.positive_impression_weight, swapped)
                 loss = loss_on(model, *args, aux=aux, sentence_ends=sentence_ends, qa_shift=qa_shift,
                                lesion_aux=lesion_aux,
                                patch_tokens=None if cached_tokens is None else cached_tokens[batch].to(device).float(),

@@ -217,13 +217,14 @@ def build_bundle(ckpt: Checkpoint, folder: Path, options: ExportOptions, tokeniz
     """Write every bundle file into `folder` (a temporary folder); returns the manifest."""
     from safetensors.numpy import save_file
 
-    from edgevlm.models.tokenizer import load_tokenizer, special_ids
+    from edgevlm.models.tokenizer import decision_rules, load_tokenizer, special_ids
 
     cfg, reference = ckpt.config, ckpt.model
     recipe = resolve_recipe(cfg)
     tokenizer = load_tokenizer(tokenizer_json)
     try:
         ids = special_ids(tokenizer, cfg.prompt)
+        decision_rules(tokenizer, cfg.prompt)  # refused here, not at the first report
     except ValueError as e:
         raise EdgeVLMError(f"tokenizer does not fit the model's prompt config: {e}", ckpt.path) from None
     dtype = torch.float16 if options.precision == "fp16" else torch.float32

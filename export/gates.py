@@ -116,12 +116,11 @@ def measure_parity(quant: Any, ref: Any, table_q: np.ndarray, table_ref: np.ndar
 def backend_predictor(backend: Any, table: np.ndarray, cfg: Any, tokenizer: Any,
                       max_new_tokens: int | None) -> Callable[[np.ndarray, list[str]], list[str]]:
     """(preprocessed (D, H, W), questions) -> answers, on a runtime backend (as eval's bundle_predictor)."""
-    from edgevlm.models.tokenizer import decode, encode_prompt, special_ids
+    from edgevlm.models.tokenizer import decode, encode_prompt, generation_config, special_ids
     from edgevlm.runtime.session import generate_ids
 
     ids = special_ids(tokenizer, cfg.prompt)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.prompt.max_new_tokens, stop_ids=ids.stop,
-                           pad_id=ids.pad)
+    gen = generation_config(tokenizer, cfg, max_new_tokens)
 
     def predict(volume: np.ndarray, questions: list[str]) -> list[str]:
         prompts = [encode_prompt(tokenizer, cfg, q) for q in questions]

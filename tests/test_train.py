@@ -208,6 +208,58 @@ def test_impression_weights_leave_a_report_without_the_structured_impression_ali
     assert (weights[0] > 1).any() and (weights[1:] == 1).all()
 
 
+def test_counterfactual_rows_leave_the_impression_answers_out_and_keep_the_findings_text():
+    """A swapped report (`counterfactual_report`) is another training study's whole report, with the study's
+    own QAs; in its row the impression answers weigh 0 and every other target token keeps its weight."""
+    import random
+
+    from edgevlm.data import sample_study
+    from edgevlm.data.reports import impression_answers
+    from edgevlm.models import PromptConfig
+    from edgevlm.models.tokenizer import special_ids, train_tokenizer
+    from edgevlm.train import counterfactual_report, impression_weights, sequence_batch, study_texts
+
+    specs = [sample_study(s) for s in range(30)]
+    rng = random.Random(0)
+    own = study_texts(specs[0], rng, 3)
+    swapped = counterfactual_report(own, specs, rng)
+    assert swapped[1] == own[1] and swapped[0][0] == own[0][0] and swapped[0][1] != own[0][1]
+    assert any(swapped[0][1].split("TECHNIQUE:")[0] == study_texts(spec, random.Random(1), 0)[0][1].split(
+        "TECHNIQUE:")[0] for spec in specs)  # its impression is a training study's
+    reports = [own[0][1], swapped[0][1]]
+    prompt = PromptConfig(max_new_tokens=8)
+    tok = train_tokenizer(reports * 3, 400, [prompt.pad_token, "<s>", *prompt.eos_tokens, "<unk>", prompt.image_token])
+    cfg = MedVLMConfig(decoder=DecoderConfig(vocab_size=tok.get_vocab_size(), max_seq_len=1024), prompt=prompt)
+    input_ids, labels = sequence_batch([own[0], swapped[0]], tok, cfg, special_ids(tok, prompt), torch.device("cpu"))
+    plain = impression_weights(reports, labels, tok, 2.0, 3.0)
+    weights = impression_weights(reports, labels, tok, 2.0, 3.0, counterfactual={1})
+    assert torch.equal(weights[0], plain[0])
+    zero = weights[1] == 0
+    got = tok.decode(input_ids[1][zero].tolist()).replace(" ", "")
+    assert got == "".join((" " + reports[1])[a:b] for a, b, _ in impression_answers(" " + reports[1])).replace(" ", "")
+    assert (weights[1][~zero & (labels[1] != -100)] == 1).all()
+    assert impression_weights(reports, labels, tok, 1.0, 1.0, counterfactual={0}) is not None
+
+
+def test_counterfactual_rows_draw_nothing_when_off_and_swap_in_place_when_on():
+    """Off, the text sequence of a run is what it was before the option existed (no draw from its rng)."""
+    import random
+
+    from edgevlm.data import sample_study
+    from edgevlm.train import counterfactual_rows, study_texts
+
+    specs = [sample_study(s) for s in range(12)]
+    rng, twin = random.Random(5), random.Random(5)
+    texts = [study_texts(spec, rng, 2) for spec in specs[:4]]
+    [study_texts(spec, twin, 2) for spec in specs[:4]]
+    before = list(texts)
+    assert counterfactual_rows(texts, specs, 0.0, rng) == set() and texts == before
+    assert rng.random() == twin.random()
+    assert counterfactual_rows(texts, specs, 1.0, rng) == {0, 1, 2, 3}
+    assert all(t[1] == b[1] and t[0][0] == b[0][0] for t, b in zip(texts, before, strict=True))  # QAs kept
+    assert sum(t[0][1] != b[0][1] for t, b in zip(texts, before, strict=True)) >= 3
+
+
 def test_impression_weights_mark_each_impression_answer_and_weigh_positives_more():
     """The weighted tokens spell exactly the impression answers (" none" or the finding's words), at the
     label positions `sequence_batch` gives them; positives get weight x positive weight, the rest 1."""

@@ -33,6 +33,9 @@ def distill_cmd(
     positive_impression_weight: float | None = typer.Option(None, "--positive-impression-weight", min=0.0,
                                                             help="Extra factor where the finding is present "
                                                                  "(default 1)."),
+    counterfactual_reports: float | None = typer.Option(None, "--counterfactual-reports", min=0.0, max=1.0,
+                                                        help="Fraction of labelled report rows swapped for another "
+                                                             "study's, impression answers unweighted (default 0)."),
     report_loss: str | None = typer.Option(None, "--report-loss",
                                            help="sentence (default): report positions weighted per sentence; token."),
     qa_position_jitter: int | None = typer.Option(None, "--qa-position-jitter",
@@ -66,7 +69,8 @@ def distill_cmd(
                "w_ce": w_ce, "w_seq": w_seq, "w_vision": w_vision, "w_hidden": w_hidden, "seed": seed,
                "device": device, "threads": threads, "eval_every": eval_every, "report_loss": report_loss,
                "qa_position_jitter": qa_position_jitter, "impression_weight": impression_weight,
-               "positive_impression_weight": positive_impression_weight}
+               "positive_impression_weight": positive_impression_weight,
+               "counterfactual_reports": counterfactual_reports}
     cfg = dataclasses.replace(cfg, teacher=str(teacher), student=student, data=data,
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:

@@ -45,6 +45,10 @@ def train_cmd(
     positive_impression_weight: float = typer.Option(1.0, "--positive-impression-weight", min=0.0,
                                                      help="Extra factor on those where the finding is "
                                                           "present: greedy calls it at P > 1/(1 + w)."),
+    counterfactual_reports: float = typer.Option(0.0, "--counterfactual-reports", min=0.0, max=1.0,
+                                                 help="Fraction of report rows swapped for another study's "
+                                                      "report, impression answers unweighted, so the findings "
+                                                      "text learns to follow the impression (0: off)."),
     vision_steps: int = typer.Option(0, "--vision-steps",
                                      help="Staged recipe: the first N steps train the encoder alone on the "
                                           "finding/lesion heads, then it is frozen for the text stage (0: off).",
@@ -80,6 +84,7 @@ def train_cmd(
                       aux_weight=aux_weight, lesion_weight=lesion_weight, center_input=center_input,
                       report_loss=report_loss, decoder_probe_weight=decoder_probe_weight,
                       impression_weight=impression_weight, positive_impression_weight=positive_impression_weight,
+                      counterfactual_reports=counterfactual_reports,
                       qa_position_jitter=qa_position_jitter, n_train_studies=n_train_studies,
                       vision_steps=vision_steps, vision_batch_studies=vision_batch_studies, vision_lr=vision_lr,
                       autocast=autocast,
@@ -141,6 +146,8 @@ def _headline(metrics: dict) -> dict:
         "lobe_accuracy": acc(findings["attributes"].get("lobe")),
         "nodule_size_mae_mm": None if (mae := findings["nodule_size_mae_mm"]) is None else round(mae, 2),
         "closed_accuracy": acc(metrics["closed"]),
+        "self_contradiction_rate": (None if (rate := metrics.get("self_contradiction", {}).get("rate")) is None
+                                    else round(rate, 4)),
         "open_accuracy": acc(metrics["open"]),
         **{k: round(v, 4) for k, v in lexical.items() if isinstance(v, float)},
     }
@@ -179,3 +186,35 @@ def eval_cmd(
     if json_out is not None:
         atomic_write(json_out, lambda p: p.write_text(json.dumps(metrics, indent=1)))
         console.print(f"wrote {json_out}")
+
+
+@command(name="operating-points")
+def operating_points_cmd(
+    model: Path = typer.Argument(..., help="A trained edgevlm .safetensors checkpoint (structured reports)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the checkpoint with its operating points."),
+    studies: int = typer.Option(400, "--studies", min=1, help="Calibration studies (synthetic, never trained on)."),
+    seed: int | None = typer.Option(None, "--seed", help="First calibration seed (default: DECISION_SEED_START)."),
+    max_fpr: float = typer.Option(0.05, "--max-fpr", min=0.0, max=1.0,
+                                  help="Most false positives a finding type may be called at, as a rate."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the calibration record here."),
+) -> None:
+    """Choose where each report decision calls its finding (P(none) thresholds) on calibration studies.
+
+    Example: edgevlm operating-points RUN/model.safetensors -o RUN/model-op.safetensors --studies 400
+    """
+    from edgevlm.checkpoint import atomic_write
+    from edgevlm.eval.operating_points import DECISION_SEED_START, write_with_operating_points
+
+    if not model.is_file():
+        raise EdgeVLMError("no such checkpoint file", model)
+    if out.resolve() == model.resolve():
+        raise EdgeVLMError("--out must differ from the input: the calibrated checkpoint is a new file", out)
+    first = DECISION_SEED_START if seed is None else seed
+    with console.status(f"calibrating on {studies} studies"):
+        record = write_with_operating_points(model, out, studies, first, max_fpr)
+    for kind, r in record["per_type"].items():
+        console.print(f"{kind:<18} n+ {r['n_positive']:>3}  AUC {r['auc']}  threshold {r['threshold']:.3f}  "
+                      f"greedy {r['greedy']}  at threshold {r['at_threshold']}")
+    if json_out is not None:
+        atomic_write(json_out, lambda p: p.write_text(json.dumps(record, indent=1)))
+    console.print(f"wrote {out}")

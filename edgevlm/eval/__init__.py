@@ -18,7 +18,7 @@ from edgevlm.eval.clinical import (
     normalize_answer,
     score_findings,
 )
-from edgevlm.eval.extract import extract_findings, extract_mentions
+from edgevlm.eval.extract import extract_findings, extract_mentions, section_disagreements
 from edgevlm.eval.lexical import lexical_metrics
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "normalize_answer",
     "open_answer_correct",
     "score_findings",
+    "section_disagreements",
 ]
 
 OPEN_SIZE_TOLERANCE_MM = 3.0
@@ -78,10 +79,11 @@ def evaluate_predictions(records: Sequence[dict]) -> dict:
       qa: list[dict] (optional)                  QA.to_dict() plus "prediction": the model's answer
 
     Returns {"n_studies", "findings": score_findings(...), "lexical": lexical_metrics(...),
-    "closed": {"accuracy", "n"}, "open": {"accuracy", "n"}, "per_type_closed": {...},
+    "closed": {"accuracy", "n"}, "open": {"accuracy", "n"}, "per_type_closed": {...}, "self_contradiction":
+    {"n_reports", "rate", "by_type"} over reports with both sections,
     "studies": [per-study predictions, extracted findings and scores]}.
     """
-    pred_findings, true_findings, studies = [], [], []
+    pred_findings, true_findings, studies, disagreements = [], [], [], []
     closed_preds, closed_qas, open_right, open_n = [], [], 0, 0
     per_type_closed: dict[str, list[int]] = {}
     for rec in records:
@@ -119,6 +121,9 @@ def evaluate_predictions(records: Sequence[dict]) -> dict:
                 }
             )
         single = score_findings([pf], [tf])
+        disagree = section_disagreements(pred_text)
+        if disagree is not None:
+            disagreements.append(disagree)
         studies.append(
             {
                 "study_id": rec.get("study_id"),
@@ -126,6 +131,7 @@ def evaluate_predictions(records: Sequence[dict]) -> dict:
                 "predicted_findings": [f.to_dict(with_geometry=False) for f in pf],
                 "reference_findings": [f.to_dict(with_geometry=False) for f in tf],
                 "finding_f1": single["macro_studies"]["f1"],
+                "section_disagreements": disagree,
                 "qa": qa_rows,
             }
         )
@@ -141,5 +147,11 @@ def evaluate_predictions(records: Sequence[dict]) -> dict:
         "closed": {"accuracy": _finite(closed), "n": len(closed_qas)},
         "open": {"accuracy": (open_right / open_n if open_n else None), "n": open_n},
         "per_type_closed": {t: {"accuracy": c / n, "n": n} for t, (c, n) in sorted(per_type_closed.items())},
+        # Reports whose FINDINGS and IMPRESSION disagree on a finding type (section_disagreements).
+        "self_contradiction": {
+            "n_reports": len(disagreements),
+            "rate": (sum(bool(d) for d in disagreements) / len(disagreements)) if disagreements else None,
+            "by_type": {t: sum(t in d for d in disagreements) for t in sorted({t for d in disagreements for t in d})},
+        },
         "studies": studies,
     }

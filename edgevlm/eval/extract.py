@@ -317,3 +317,15 @@ def extract_findings(report: str) -> list[Finding]:
         extra = [m for m in extract_mentions(secondary) if m.type not in covered]
         findings += _merge(extra)
     return findings
+
+
+def section_disagreements(report: str) -> list[str] | None:
+    """Finding types a report's FINDINGS and IMPRESSION state differently (present in one, not in the
+    other), sorted; None when it lacks either section. `extract_findings` reads the FINDINGS where both
+    speak, so a report that calls a mass in its impression and denies it below scores as a miss."""
+    primary, secondary = _sections(report)
+    if secondary is None:
+        return None
+    stated = [{f.type for f in _merge(extract_mentions(part))} for part in (primary, secondary)]
+    return sorted(stated[0] ^ stated[1])
+

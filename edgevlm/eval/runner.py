@@ -107,15 +107,15 @@ def bundle_predictor(path: str | Path, max_new_tokens: int | None = None, backen
 
 
 def model_predictor(model: Any, tokenizer: Any, max_new_tokens: int | None = None) -> Predictor:
-    from edgevlm.models import GenerationConfig
-    from edgevlm.models.tokenizer import decode, encode_prompt, load_tokenizer, special_ids
+    from edgevlm.models.tokenizer import decode, encode_prompt, generation_config, load_tokenizer, special_ids
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     cfg = model.cfg
-    ids = special_ids(tok, cfg.prompt)
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens or cfg.prompt.max_new_tokens, stop_ids=ids.stop, pad_id=ids.pad
-    )
+    try:
+        ids = special_ids(tok, cfg.prompt)
+        gen = generation_config(tok, cfg, max_new_tokens)
+    except ValueError as e:
+        raise EdgeVLMError(f"tokenizer does not fit the model's prompt config: {e}") from None
 
     def predict(volume: np.ndarray, questions: list[str]) -> list[str]:
         with torch.no_grad():

@@ -133,9 +133,21 @@ class PromptConfig:
     default_question: str = "Write the radiology report for this CT."
     max_new_tokens: int = 256
     do_sample: bool = False
+    # Operating points of a structured report's decisions, set after training on calibration studies
+    # (`edgevlm operating-points`), not learned: {key: (decision token, threshold)}. When the generated text
+    # ends with a key that starts a line ("Lung mass:"), the decision token (" none") is picked iff its
+    # probability is at least the threshold, otherwise the likeliest other token. Why: greedy compares the
+    # decision token with each other token alone, and an answer whose first token is spread over many values
+    # ("60 mm", "45 mm", ...) loses to " none" at P(none) = 0.3; the decision belongs to P(none) against
+    # P(anything else).
+    decisions: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.eos_tokens = tuple(self.eos_tokens)
+        self.decisions = {str(k): (str(v[0]), float(v[1])) for k, v in self.decisions.items()}
+        for key, (_, p) in self.decisions.items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"decisions[{key!r}] threshold {p} is not a probability")
 
 
 @dataclass

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,33 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
     seed: int | None = None
+    # (trigger ids, decision token id, threshold): PromptConfig.decisions resolved by the
+    # tokenizer (`edgevlm.models.tokenizer.decision_rules`).
+    decisions: tuple[tuple[tuple[int, ...], int, float], ...] = ()
+
+
+def apply_decisions(logits: Any, generated: Sequence[Sequence[int]],
+                    rules: Sequence[tuple[tuple[int, ...], int, float]]) -> Any:
+    """Where row i's generated ids end with a rule's trigger, decide that row's next token by P(token):
+    at least the threshold keeps only `token`, below it masks `token` out (the likeliest other one wins).
+
+    `logits` (B, V), a numpy array or a tensor, is changed in place and returned; the PyTorch reference and
+    the runtime call this one function, so both pick the same tokens.
+    """
+    for i, row in enumerate(generated):
+        for trigger, token, threshold in rules:
+            if len(row) < len(trigger) or tuple(row[len(row) - len(trigger):]) != trigger:
+                continue
+            x = np.asarray(logits[i].tolist(), dtype=np.float64)
+            shifted = np.exp(x - x.max())  # softmax in float64, stable where a logit is already -inf
+            p_token = shifted[token] / shifted.sum()
+            if p_token >= threshold:
+                keep = float(x[token])
+                logits[i] = float("-inf")
+                logits[i, token] = keep
+            else:
+                logits[i, token] = float("-inf")
+    return logits
 
 
 class MedVLM(nn.Module):
@@ -102,7 +131,10 @@ class MedVLM(nn.Module):
         finished = [False] * b
         out: list[list[int]] = [[] for _ in range(b)]
         for step in range(gen.max_new_tokens):
-            token = sample(logits[:, -1], gen.temperature, gen.top_p, generator)  # (B,)
+            last = logits[:, -1]
+            if gen.decisions:
+                last = apply_decisions(last.clone(), out, gen.decisions)
+            token = sample(last, gen.temperature, gen.top_p, generator)  # (B,)
             for i, tok in enumerate(token.tolist()):
                 if not finished[i]:
                     out[i].append(tok)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from edgevlm.models.config import MedVLMConfig, PromptConfig
+from edgevlm.models.medvlm import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,40 @@ def special_ids(tokenizer: Tokenizer, prompt: PromptConfig) -> SpecialIds:
         stop=tuple(required(t) for t in prompt.eos_tokens),
         pad=required(prompt.pad_token),
     )
+
+
+def decision_rules(tokenizer: Tokenizer, prompt: PromptConfig) -> tuple[tuple[tuple[int, ...], int, float], ...]:
+    """`prompt.decisions` as (trigger ids, decision token id, threshold) for `GenerationConfig`.
+
+    A key is matched where it starts a line of generated text: it is encoded after a newline, and the ids of
+    the whitespace before it (the newline, a prefix space the tokenizer adds) are dropped, so "Lung mass:"
+    gets the ids it has inside a report (tests hold this on real reports).
+    """
+
+    def line_start_ids(key: str) -> tuple[int, ...]:
+        ids = tokenizer.encode("\n" + key, add_special_tokens=False).ids
+        while ids and not tokenizer.decode([ids[0]]).strip():
+            ids = ids[1:]
+        return tuple(ids)
+
+    rules = []
+    for key, (token, threshold) in sorted(prompt.decisions.items()):
+        token_ids = tokenizer.encode(token, add_special_tokens=False).ids
+        if len(token_ids) != 1:
+            raise ValueError(f"decision token {token!r} of {key!r} is {len(token_ids)} tokens in this tokenizer, "
+                             "not one")
+        rules.append((line_start_ids(key), token_ids[0], threshold))
+    return tuple(rules)
+
+
+def generation_config(tokenizer: Tokenizer, cfg: MedVLMConfig, max_new_tokens: int | None = None,
+                      stop: bool = True) -> GenerationConfig:
+    """Greedy generation as the model is deployed: its stop and pad tokens and its decision operating
+    points. `stop=False` always makes max_new_tokens steps (benchmarks)."""
+    ids = special_ids(tokenizer, cfg.prompt)
+    return GenerationConfig(max_new_tokens=max_new_tokens or cfg.prompt.max_new_tokens,
+                            stop_ids=ids.stop if stop else (), pad_id=ids.pad,
+                            decisions=decision_rules(tokenizer, cfg.prompt))
 
 
 def encode_prompt(tokenizer: Tokenizer, cfg: MedVLMConfig, question: str | None = None) -> list[int]:

@@ -91,6 +91,7 @@ def generate_ids(backend: Any, table: np.ndarray, volume: np.ndarray, prompts: S
     import torch
 
     from edgevlm.models import sample
+    from edgevlm.models.medvlm import apply_decisions
 
     timings_ms = {} if timings_ms is None else timings_ms
     b = len(prompts)
@@ -117,9 +118,13 @@ def generate_ids(backend: Any, table: np.ndarray, volume: np.ndarray, prompts: S
     if gen.temperature > 0:
         generator = torch.Generator().manual_seed(0 if gen.seed is None else gen.seed)
 
+    out: list[list[int]] = [[] for _ in range(b)]
+
     def pick(logits: np.ndarray) -> np.ndarray:
         if logits_out is not None:
             logits_out.append(logits.copy())
+        if gen.decisions:
+            logits = apply_decisions(logits.copy(), out, gen.decisions)
         if gen.temperature <= 0:
             return logits.argmax(axis=-1)
         return sample(torch.from_numpy(logits), gen.temperature, gen.top_p, generator).numpy()
@@ -133,7 +138,6 @@ def generate_ids(backend: Any, table: np.ndarray, volume: np.ndarray, prompts: S
     timings_ms["prefill"] = (t2 - t1) * 1000
     stop = np.array(list(gen.stop_ids), dtype=np.int64)
     finished = np.zeros(b, dtype=bool)
-    out: list[list[int]] = [[] for _ in range(b)]
     for step in range(gen.max_new_tokens):
         for i in range(b):
             if not finished[i]:
@@ -185,11 +189,9 @@ class Session:
         return array
 
     def generation_config(self, max_new_tokens: int | None = None, ignore_stop: bool = False) -> GenerationConfig:
-        from edgevlm.models.tokenizer import special_ids
+        from edgevlm.models.tokenizer import generation_config
 
-        ids = special_ids(self.tokenizer, self.config.prompt)
-        return GenerationConfig(max_new_tokens=max_new_tokens or self.config.prompt.max_new_tokens,
-                                stop_ids=() if ignore_stop else ids.stop, pad_id=ids.pad)
+        return generation_config(self.tokenizer, self.config, max_new_tokens, stop=not ignore_stop)
 
     def generate(self, volume: Volume | np.ndarray, question: str | None = None, max_new_tokens: int | None = None,
                  collect_logits: bool = False, ignore_stop: bool = False) -> Result:
@@ -222,7 +224,7 @@ def load_bundle(path: str | Path, backend: str = "ort", threads: int | None = No
     """
     from safetensors.numpy import load_file
 
-    from edgevlm.models.tokenizer import load_tokenizer
+    from edgevlm.models.tokenizer import decision_rules, load_tokenizer
     from edgevlm.preprocess import Recipe
 
     if backend not in BACKENDS:
@@ -237,6 +239,7 @@ def load_bundle(path: str | Path, backend: str = "ort", threads: int | None = No
         config = MedVLMConfig.from_dict(m["model"])
         recipe = Recipe.from_json(bundle.file(PREPROCESS_FILE).read_text())
         tokenizer = load_tokenizer(bundle.file(TOKENIZER_FILE).read_text())
+        decision_rules(tokenizer, config.prompt)
         table = load_file(str(bundle.file(EMBEDDINGS_FILE)))["embed_tokens"]
     except EdgeVLMError:
         raise

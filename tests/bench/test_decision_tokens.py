@@ -1,33 +1,9 @@
-"""benchmarks/decision_tokens.py: it must read the decision at the right token of each impression line,
-and its summary must tell "ranked well but under-called" apart from "not seen"."""
+"""benchmarks/decision_tokens.py: its summary must tell "ranked well but under-called" apart from "not seen"
+(where it reads the decisions, `edgevlm.eval.operating_points.decision_positions`, is tested in tests/eval)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-from edgevlm.data import sample_study
-from edgevlm.data.reports import report_text
-from edgevlm.models.tokenizer import train_tokenizer
-
-
-def test_decision_positions_land_on_each_impression_answer(benchmark_script):
-    dt = benchmark_script("decision_tokens")
-    reports = [report_text(sample_study(seed), np.random.default_rng(seed)) for seed in range(60)]
-    tok = train_tokenizer(reports, 600)
-    checked_present = 0
-    for seed, report in enumerate(reports[:20]):
-        text = " " + report
-        enc = tok.encode(text, add_special_tokens=False)
-        positions = dt.decision_positions(text, enc.offsets)
-        present_types = {f.type for f in sample_study(seed).findings}
-        assert [p for _, p in positions] == [kind in present_types for kind, _ in dt._IMPRESSION_SLOTS]
-        for (j, present), (_, label) in zip(positions, dt._IMPRESSION_SLOTS, strict=True):
-            # The token just before is the label's colon; the token itself starts the answer word.
-            assert tok.decode(enc.ids[j - 1:j]).endswith(":"), (label, tok.decode(enc.ids[j - 1:j]))
-            answer = text[enc.offsets[j][0]:].lstrip()
-            assert answer.startswith("none") != present, (label, answer[:20])
-            checked_present += present
-    assert checked_present >= 5  # the seeds include positive lines, not only "none"
 
 
 def test_summary_separates_under_calling_from_not_seeing(benchmark_script):

@@ -42,6 +42,9 @@ def test_the_shipped_student_is_the_demo_small_preset_and_generates():
     ckpt = load_checkpoint(MODEL)
     preset = PRESETS["demo-small"]()
     preset.decoder.vocab_size = ckpt.config.decoder.vocab_size  # the teacher's tokenizer decides
+    # Its decision thresholds are its own, calibrated after distillation and recorded beside it.
+    assert ckpt.config.prompt.decisions == {k: tuple(v) for k, v in (RECORD.get("operating_points") or {}).items()}
+    preset.prompt.decisions = ckpt.config.prompt.decisions
     assert ckpt.config.to_dict() == preset.to_dict()
     assert ckpt.tokenizer_json is not None
 

@@ -162,3 +162,18 @@ def test_evaluate_predictions_perfect_model_is_json_ready():
     assert 0.0 < out["lexical"]["bleu4"] <= 1.0
     assert [s["study_id"] for s in out["studies"]] == ["SYN00001", "SYN00002", "SYN00005"]
     assert all(s["finding_f1"] == 1.0 for s in out["studies"])
+
+
+def test_section_disagreements_find_a_report_that_contradicts_itself():
+    # True reports never do; one whose impression calls a mass its findings deny does, for that type only.
+    from edgevlm.eval import section_disagreements
+
+    reports = [report_text(sample_study(s), np.random.default_rng(s)) for s in range(200)]
+    assert all(section_disagreements(r) == [] for r in reports)
+    clean = next(r for r in reports if "Lung mass: none." in r and "No lung mass." in r)
+    contradicting = clean.replace("Lung mass: none.", "Lung mass: 61 mm, right lower lobe.")
+    assert section_disagreements(contradicting) == ["mass"]
+    assert section_disagreements("No pleural effusion. Large mass in the left upper lobe.") is None
+    out = evaluate_predictions([{"predicted_report": r, "reference_report": clean} for r in (clean, contradicting)])
+    assert out["self_contradiction"] == {"n_reports": 2, "rate": 0.5, "by_type": {"mass": 1}}
+    assert [s["section_disagreements"] for s in out["studies"]] == [[], ["mass"]]

@@ -13,6 +13,13 @@ def test_presets_round_trip_through_json(name):
     assert json.loads(again.to_json()) == json.loads(cfg.to_json())
 
 
+def test_decisions_round_trip_through_json(tiny_cfg):
+    # JSON has no tuples: (token, threshold) pairs come back as lists and are normalized on load.
+    tiny_cfg.prompt.decisions = {"Lung mass:": (" none", 0.47), "Emphysema:": (" none", 0.5)}
+    again = MedVLMConfig.from_json(tiny_cfg.to_json())
+    assert again == tiny_cfg and again.prompt.decisions["Lung mass:"] == (" none", 0.47)
+
+
 def test_derived_fields(tiny_cfg):
     assert tiny_cfg.vision.grid == (4, 4, 4)
     assert tiny_cfg.vision.num_patches == 64

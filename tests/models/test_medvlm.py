@@ -61,6 +61,39 @@ def test_greedy_generation_is_deterministic_and_uses_cache_consistently(tiny_cfg
         assert greedy == first[i]
 
 
+def test_decisions_pick_by_the_tokens_probability_in_generation(tiny_cfg):
+    # A rule fires where the generated ids end with its trigger: threshold 1 masks the decision token out
+    # (the likeliest other token follows), threshold 0 keeps only it; elsewhere generation is plain greedy.
+    from edgevlm.models.medvlm import apply_decisions
+
+    torch.manual_seed(1)
+    model = MedVLM(tiny_cfg).eval()
+    for p in model.parameters():
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=0.3)
+    volume = torch.randn(1, 1, 8, 16, 16)
+    prompts = _prompts(tiny_cfg, [5])
+    plain = model.generate(volume, prompts, 3, GenerationConfig(max_new_tokens=8))[0]
+    a, b = plain[0], plain[1]
+    masked = model.generate(volume, prompts, 3, GenerationConfig(max_new_tokens=8, decisions=(((a,), b, 1.0),)))[0]
+    with torch.no_grad():  # the reference: full recomputation, the decided step's logits with b removed
+        embeds = model.embed(torch.tensor(prompts), model.encode_image(volume), 3)
+        step1 = model.decoder(torch.cat([embeds, model.decoder.embed_tokens(torch.tensor([[a]]))], 1))[0, -1]
+    assert masked[0] == a and masked[1] != b
+    assert masked[1] == int(step1.masked_fill(torch.arange(step1.numel()) == b, float("-inf")).argmax())
+    forced_token = int(step1.argsort()[-3])  # the third likeliest: only the rule can pick it
+    forced = model.generate(volume, prompts, 3,
+                            GenerationConfig(max_new_tokens=8, decisions=(((a,), forced_token, 0.0),)))[0]
+    assert forced[:2] == [a, forced_token]
+    # The rule reads probabilities: a threshold just under / over P(b) keeps / removes b.
+    p_b = float(torch.softmax(step1.double(), -1)[b])
+    for threshold, keeps in ((p_b * 0.999, True), (min(1.0, p_b * 1.001), False)):
+        row = apply_decisions(step1.clone()[None], [[a]], (((a,), b, threshold),))[0]
+        assert (int(row.argmax()) == b) == keeps and bool(torch.isinf(row).any())
+    nan_free = apply_decisions(step1.clone()[None], [[a]], (((a,), b, 1.0),))
+    assert not torch.isnan(nan_free).any()
+
+
 def test_stop_tokens_end_generation(tiny_cfg):
     model = MedVLM(tiny_cfg).eval()
     volume = torch.randn(1, 1, 8, 16, 16)

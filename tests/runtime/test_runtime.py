@@ -41,6 +41,29 @@ def test_logits_match_between_backends_at_every_step(gqa_bundle):
         np.testing.assert_allclose(la, lb, atol=1e-4)
 
 
+def test_decisions_decide_alike_on_both_backends(gqa_bundle):
+    # The rule's trigger is a token plain greedy emits, so it is sure to fire; threshold 1 removes the token
+    # greedy picked next, and both backends must then pick the same other one.
+    from dataclasses import replace
+
+    from edgevlm.models.tokenizer import encode_prompt, special_ids
+    from edgevlm.runtime.session import generate_ids
+
+    _, bundle = gqa_bundle
+    sessions = [load_bundle(bundle, threads=1), load_bundle(bundle, backend="torch", threads=1)]
+    cfg, tok = sessions[0].config, sessions[0].tokenizer
+    image_id = special_ids(tok, cfg.prompt).image
+    prompt = encode_prompt(tok, cfg, None)
+    for volume in _volumes(3, seed=5):
+        array = sessions[0].preprocess(volume)
+        gen = sessions[0].generation_config(8, ignore_stop=True)
+        plain = generate_ids(sessions[0].backend, sessions[0].table, array, [prompt], image_id, gen)[0]
+        decided = replace(gen, decisions=(((plain[0],), plain[1], 1.0),))
+        outs = [generate_ids(s.backend, s.table, array, [prompt], image_id, decided)[0] for s in sessions]
+        assert outs[0] == outs[1]
+        assert outs[0][0] == plain[0] and outs[0][1] != plain[1]
+
+
 def test_kv_cache_is_allocated_once_and_reused(gqa_bundle):
     _, bundle = gqa_bundle
     session = load_bundle(bundle)
