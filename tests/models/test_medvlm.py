@@ -31,14 +31,19 @@ def test_forward_shapes(tiny_cfg):
     assert logits.shape == (2, ids.shape[1], 97)
 
 
-def test_greedy_generation_is_deterministic_and_uses_cache_consistently(tiny_cfg):
-    torch.manual_seed(0)
-    model = MedVLM(tiny_cfg).eval()
-    # Wide weights so logits are well separated: argmax ties at float32 noise would make "identical
-    # tokens" a coin toss rather than a check of the cache and padding logic.
+def _wide_model(cfg, seed: int) -> MedVLM:
+    """Wide weights so logits are well separated: argmax ties at float32 noise would make "identical
+    tokens" a coin toss rather than a check of the generation logic."""
+    torch.manual_seed(seed)
+    model = MedVLM(cfg).eval()
     for p in model.parameters():
         if p.ndim >= 2:
             torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_greedy_generation_is_deterministic_and_uses_cache_consistently(tiny_cfg):
+    model = _wide_model(tiny_cfg, 0)
     volume = torch.randn(2, 1, 8, 16, 16)
     prompts = _prompts(tiny_cfg, [6, 3])  # different lengths: left padding path
     gen = GenerationConfig(max_new_tokens=10)
@@ -66,11 +71,7 @@ def test_decisions_pick_by_the_tokens_probability_in_generation(tiny_cfg):
     # (the likeliest other token follows), threshold 0 keeps only it; elsewhere generation is plain greedy.
     from edgevlm.models.medvlm import apply_decisions
 
-    torch.manual_seed(1)
-    model = MedVLM(tiny_cfg).eval()
-    for p in model.parameters():
-        if p.ndim >= 2:
-            torch.nn.init.normal_(p, std=0.3)
+    model = _wide_model(tiny_cfg, 1)
     volume = torch.randn(1, 1, 8, 16, 16)
     prompts = _prompts(tiny_cfg, [5])
     plain = model.generate(volume, prompts, 3, GenerationConfig(max_new_tokens=8))[0]
