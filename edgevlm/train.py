@@ -90,7 +90,7 @@ class TrainConfig:
     impression_weight: float = 1.0
     positive_impression_weight: float = 1.0
     # Fraction of text-stage report rows whose report is another training study's (`counterfactual_report`),
-    # its impression answers unweighted: the findings text is taught to follow the impression it follows.
+    # its impression answers unweighted: the findings text is taught to follow the impression above it.
     counterfactual_reports: float = 0.0
     # "auto": bf16 autocast on CUDA, fp32 on the CPU; "bf16": bf16 autocast on either (on a CPU with
     # bf16 matrix units, AMX or AVX512-BF16, measured 1.7x faster per ViT step); "fp32": never.

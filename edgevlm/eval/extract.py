@@ -328,4 +328,3 @@ def section_disagreements(report: str) -> list[str] | None:
         return None
     stated = [{f.type for f in _merge(extract_mentions(part))} for part in (primary, secondary)]
     return sorted(stated[0] ^ stated[1])
-
