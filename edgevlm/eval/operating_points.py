@@ -71,12 +71,13 @@ def decision_probs(model: Any, tokenizer: Any, studies: Any) -> tuple[np.ndarray
                            "need one (a model trained on edgevlm's structured reports)")
     none_id = none_ids[0]
     prompt = encode_prompt(tokenizer, cfg, REPORT_QUESTIONS[0])
+    recipe = model_recipe(cfg)
     p_none, truth, greedy = [], [], []
     for study in studies:
         # The training target is " " + report (`edgevlm.train.sequence_batch`): offsets index into that text.
         text = " " + study.truth["report"]
         enc = tokenizer.encode(text, add_special_tokens=False)
-        volume = preprocess(study.volume, model_recipe(cfg))
+        volume = preprocess(study.volume, recipe)
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         visual = model.encode_image(x)
         probs = model.decoder(model.embed(torch.tensor([prompt + enc.ids]), visual, ids.image))[0].float().softmax(-1)
