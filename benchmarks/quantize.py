@@ -91,6 +91,7 @@ def prepare(work: Path, layers: int) -> dict:
         quantize_decoder,
         quantize_vision_int8,
         resolve_int8_attention,
+        vision_int8_nodes,
     )
 
     from edgevlm.models import MedVLM
@@ -118,11 +119,16 @@ def prepare(work: Path, layers: int) -> dict:
     recipe = resolve_recipe(cfg)
     vols = None
     for fused, name in ((True, "vision-int8.onnx"), (False, "vision-int8-plain.onnx")):
-        if not (work / name).exists():
+        source = work / ("vision-fp32.onnx" if fused else "vision-fp32-plain.onnx")
+        # The int8 node set is part of the cache key: a graph quantized under an older rule (the
+        # projector at int8) must not be timed as today's int8.
+        nodes = vision_int8_nodes(onnx.load(str(source), load_external_data=False))
+        stamp = work / f"{name}.nodes.json"
+        if not (work / name).exists() or not stamp.exists() or json.loads(stamp.read_text()) != nodes:
             print(f"vision int8 QDQ {name} (2 calibration volumes)", flush=True)
             vols = vols if vols is not None else parity_volumes(cfg, recipe, 2, seed=2_000_000)[0]
-            source = work / ("vision-fp32.onnx" if fused else "vision-fp32-plain.onnx")
             quantize_vision_int8(source, work / name, vols, resolve_int8_attention(QuantConfig(), "cpu", fused))
+            stamp.write_text(json.dumps(nodes))
     fp32 = onnx.load(str(work / "decoder-fp32.onnx"))
     gemm_to_matmul(fp32)
     jobs = {"decoder-int8.onnx": ("int8", "int8", QuantConfig(int8_decoder="nbits")),

@@ -6,7 +6,9 @@ sentence and cut by "but"/"however"/"and a ..."), and reads attributes from the 
 to the mention: side, lobe, size (mm or cm, lists such as "6 and 9 mm"), count, density, severity.
 
 When a report has a FINDINGS section, it is the source; the IMPRESSION only adds finding types the
-FINDINGS neither mention nor deny (so repeated findings are not counted twice).
+FINDINGS neither mention nor deny (so repeated findings are not counted twice), and attributes the
+FINDINGS leave unstated for a finding both sections state once ("Pleural effusion: moderate, left." above
+"Moderate-sized pleural effusion." is a left effusion, as a reader takes it; see `_complete`).
 """
 
 from __future__ import annotations
@@ -307,6 +309,30 @@ def _sections(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+_ATTRIBUTES = ("side", "lobe", "size_mm", "severity", "density")
+
+
+def _complete(findings: list[Finding], stated: list[Finding]) -> None:
+    """Fill, in place, attributes a FINDINGS finding leaves unstated from the IMPRESSION's statement of it.
+
+    Only where each section states that type exactly once and the two agree on every attribute both
+    give: then they describe one finding (a severity or side that differs means they do not, and
+    nothing is filled). Without this, a side given only in the impression scored as a wrong-side
+    effusion: one false positive and one false negative for a report a reader finds complete."""
+    for ftype in dict.fromkeys(f.type for f in findings):
+        ours = [f for f in findings if f.type == ftype]
+        theirs = [f for f in stated if f.type == ftype]
+        if len(ours) != 1 or len(theirs) != 1:
+            continue
+        a, b = ours[0], theirs[0]
+        given = [(getattr(a, k), getattr(b, k)) for k in _ATTRIBUTES]
+        if any(x is not None and y is not None and x != y for x, y in given):
+            continue
+        for k, (x, y) in zip(_ATTRIBUTES, given, strict=True):
+            if x is None and y is not None:
+                setattr(a, k, y)
+
+
 def extract_findings(report: str) -> list[Finding]:
     """Positive findings stated in a report (negated mentions dropped), with their attributes."""
     primary, secondary = _sections(report)
@@ -314,8 +340,9 @@ def extract_findings(report: str) -> list[Finding]:
     findings = _merge(mentions)
     if secondary:
         covered = {m.type for m in mentions}
-        extra = [m for m in extract_mentions(secondary) if m.type not in covered]
-        findings += _merge(extra)
+        impression = extract_mentions(secondary)
+        _complete(findings, _merge([m for m in impression if m.type in covered]))
+        findings += _merge([m for m in impression if m.type not in covered])
     return findings
 
 

@@ -95,6 +95,33 @@ def test_impression_adds_only_what_findings_did_not_cover():
     assert _keys(got) == _keys([F("nodule", lobe="RUL", size_mm=8, density="solid"), F("cardiomegaly")])
 
 
+@pytest.mark.parametrize(
+    ("findings", "impression", "expected"),
+    [
+        # the side only the impression gives (what the demo teacher writes): a left effusion, as a reader takes it
+        ("Pleura: Moderate-sized pleural effusion with adjacent compressive atelectasis. No pneumothorax.",
+         "Pleural effusion: moderate, left.", [F("pleural_effusion", side="left", severity="moderate")]),
+        ("There is a solid nodule.", "Pulmonary nodules: 9 mm solid, left upper lobe.",
+         [F("nodule", lobe="LUL", size_mm=9, density="solid")]),
+        # the sections disagree on an attribute both state: not one finding, nothing is filled
+        ("Moderate-sized pleural effusion.", "Pleural effusion: large, right.",
+         [F("pleural_effusion", severity="moderate")]),
+        ("Small left pleural effusion.", "Pleural effusion: small, right.",
+         [F("pleural_effusion", side="left", severity="small")]),
+        # two nodules below, one above: which one it describes is unknown, nothing is filled
+        ("Two solid nodules.", "Pulmonary nodules: 9 mm solid, left upper lobe.",
+         [F("nodule", density="solid"), F("nodule", density="solid")]),
+        # the impression denies what the findings state: the findings stand, unfilled
+        ("Moderate pleural effusion.", "Pleural effusion: none.", [F("pleural_effusion", severity="moderate")]),
+    ],
+)
+def test_impression_fills_attributes_the_findings_leave_unstated(findings, impression, expected):
+    got = extract_findings(f"FINDINGS:\n{findings}\n\nIMPRESSION:\n{impression}\n")
+    assert _keys(got) == _keys(expected)
+    assert [(f.side, f.severity, f.lobe, f.size_mm) for f in sorted_findings(got)] == [
+        (f.side, f.severity, f.lobe, f.size_mm) for f in sorted_findings(expected)]
+
+
 def test_structured_impression_alone_round_trips():
     """The structured IMPRESSION lines ("Pneumothorax: none.", "Pulmonary nodules: 9 mm solid, left upper
     lobe; ...") carry every finding with its attributes on their own, so a report cut short after them

@@ -71,8 +71,8 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
                    and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[1]].dims) == 1
                    and inits[n.input[1]].dims[0] > 1]
     assert len(per_channel) >= 6
-    # the patch embedding's MatMul stays float, and so does the attention: fused into onnxruntime's
-    # MultiHeadAttention for --device cpu (edgevlm.export.fuse), so no int8 score rewrite
+    # the patch embedding's and the projector's MatMuls stay float, and so does the attention: fused into
+    # onnxruntime's MultiHeadAttention for --device cpu (edgevlm.export.fuse), so no int8 score rewrite
     fused = [n for n in vis.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(fused) == quant_config().vision.depth and not [n for n in vis.graph.node if n.op_type == "MatMulInteger"]
     matmuls = [n for n in vis.graph.node if n.op_type == "MatMul"]
@@ -80,7 +80,9 @@ def test_int4_bundle_graphs_and_generation(int4_bundle: Path) -> None:
     dq_out = {n.output[0] for n in vis.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     int8_linears = [n for n in matmuls if n.input[1] in dq_out]
     float_linears = [n for n in matmuls if n.input[1] in inits]
-    assert len(float_linears) == 1 and module_of(float_linears[0]).endswith("patch_embed")
+    assert sorted(module_of(n).split(".")[-1] for n in float_linears) == ["linear1", "linear2", "patch_embed"]
+    assert all(module_of(n).split(".")[-2] == "projector" for n in float_linears if "linear" in module_of(n))
+    assert all(".blocks." in module_of(n) for n in int8_linears)
     assert len(int8_linears) == len(per_channel) and quantized_weight
     assert not [n for n in matmuls if n not in int8_linears and n not in float_linears]  # no unfused attention
     assert not any(i in dq_out for n in fused for i in n.input)
