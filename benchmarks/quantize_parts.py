@@ -99,9 +99,10 @@ def main() -> None:
         t0 = time.perf_counter()
         task = task_metrics(backend_predictor(backend, tables[table], cfg, tokenizer, None), studies,
                             cfg.prompt.default_question)
+        fp32_f1 = results["fp32"]["task"]["finding_f1"] if results else task["finding_f1"]
         results[name] = {"visual_tokens": token_errors(fp32_tokens, tokens), "task": task,
-                         "f1_retention": task["finding_f1"] / results["fp32"]["task"]["finding_f1"]
-                         if results else 1.0, "seconds": round(time.perf_counter() - t0, 1)}
+                         "f1_retention": task["finding_f1"] / fp32_f1 if fp32_f1 else None,  # None: no F1 to keep
+                         "seconds": round(time.perf_counter() - t0, 1)}
         err = results[name]["visual_tokens"]
         print(f"{name:<44} F1 {task['finding_f1']:.4f} (tp {task['tp']}, fp {task['fp']}) closed "
               f"{task['closed_accuracy']:.4f}  visual-token error mean {err['relative_error_mean']:.4f} "
