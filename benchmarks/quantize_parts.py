@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -42,13 +41,13 @@ def main() -> None:
     from edgevlm.export import export_bundle
     from edgevlm.export.bundle import resolve_recipe
     from edgevlm.export.gates import backend_predictor, task_metrics
-    from edgevlm.export.quantize import QuantConfig, linear_nodes, quantize_vision_int8
+    from edgevlm.export.quantize import QuantConfig, linear_nodes, quantize_vision_int8, vision_int8_nodes
     from edgevlm.export.quantized_bundle import _ort, gate_set
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     from edgevlm.checkpoint import file_sha256, load_checkpoint
-    from edgevlm.runtime.bundle import DECODER_FILE, EMBEDDINGS_FILE, VISION_FILE
+    from edgevlm.runtime.bundle import EMBEDDINGS_FILE, VISION_FILE
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=ASSETS / "demo-teacher.safetensors")
@@ -62,40 +61,38 @@ def main() -> None:
     recipe = resolve_recipe(cfg)
     # The export's own gate runs on 4 studies (its verdict is not used here); the parts are scored below.
     qcfg = QuantConfig(calib=f"synthetic:{args.calib}", gate_studies="synthetic:4", allow_degradation=True)
+    calib = build_calibration_set(qcfg.calib, recipe)  # one set for the export and the projector-int8 graph
     fp32 = export_bundle(args.model, args.out / "fp32", precision="fp32", overwrite=True)
     int8 = export_bundle(args.model, args.out / "int8", precision="int8", overwrite=True, quant=qcfg,
-                         on_step=lambda msg: print(f"[int8] {msg}", flush=True))
-    calib = build_calibration_set(qcfg.calib, recipe)
+                         calibration=calib, on_step=lambda msg: print(f"[int8] {msg}", flush=True))
     projector_int8 = args.out / "vision-projector-int8.onnx"
     fp32_vision = onnx.load(str(fp32 / VISION_FILE), load_external_data=False)
-    every_linear = sorted(n for n, m in linear_nodes(fp32_vision).items() if not m.endswith("patch_embed"))
-    quantize_vision_int8(fp32 / VISION_FILE, projector_int8, calib.volumes, qcfg, nodes=every_linear)
+    projector = [n for n, m in linear_nodes(fp32_vision).items() if "projector" in m.split(".")]
+    quantize_vision_int8(fp32 / VISION_FILE, projector_int8, calib.volumes, qcfg,
+                         nodes=sorted(vision_int8_nodes(fp32_vision) + projector))
 
     tables = {"fp32": load_file(str(fp32 / EMBEDDINGS_FILE))["embed_tokens"].astype(np.float32),
               "fp16": load_file(str(int8 / EMBEDDINGS_FILE))["embed_tokens"].astype(np.float32)}
-    combos = {  # name: (vision graph, decoder graph, embedding table)
-        "fp32": (fp32 / VISION_FILE, fp32 / DECODER_FILE, "fp32"),
-        "vision int8 (projector float, as exported)": (int8 / VISION_FILE, fp32 / DECODER_FILE, "fp32"),
-        "vision int8 (projector int8)": (projector_int8, fp32 / DECODER_FILE, "fp32"),
-        "decoder int8": (fp32 / VISION_FILE, int8 / DECODER_FILE, "fp32"),
-        "embeddings fp16": (fp32 / VISION_FILE, fp32 / DECODER_FILE, "fp16"),
-        "int8 word (as exported)": (int8 / VISION_FILE, int8 / DECODER_FILE, "fp16"),
-        "int8 word, projector int8": (projector_int8, int8 / DECODER_FILE, "fp16"),
+    combos = {  # name: (vision graph, bundle whose decoder graph runs, embedding table)
+        "fp32": (fp32 / VISION_FILE, fp32, "fp32"),
+        "vision int8 (projector float, as exported)": (int8 / VISION_FILE, fp32, "fp32"),
+        "vision int8 (projector int8)": (projector_int8, fp32, "fp32"),
+        "decoder int8": (fp32 / VISION_FILE, int8, "fp32"),
+        "embeddings fp16": (fp32 / VISION_FILE, fp32, "fp16"),
+        "int8 word (as exported)": (int8 / VISION_FILE, int8, "fp16"),
+        "int8 word, projector int8": (projector_int8, int8, "fp16"),
     }
     tokenizer = Tokenizer.from_file(str(fp32 / "tokenizer.json"))
     token_set = build_calibration_set(f"synthetic:{args.token_studies}", recipe, seed_start=TOKEN_SEED_START)
     studies = gate_set(f"synthetic:{args.gate_studies}", recipe)
     results: dict = {}
-    fp32_tokens = None
-    for name, (vision, decoder, table) in combos.items():
-        folder = args.out / "mix"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        shutil.copy2(vision, folder / VISION_FILE)
-        shutil.copy2(decoder, folder / DECODER_FILE)
-        backend = _ort(folder, cfg, "fp32" if name == "fp32" else "int8")
-        tokens = np.concatenate([backend.encode(token_set.volumes[i:i + 1]) for i in range(len(token_set))])
-        fp32_tokens = tokens if fp32_tokens is None else fp32_tokens
+    tokens_of: dict[Path, np.ndarray] = {}  # each vision graph encodes the token studies once
+    for name, (vision, decoder_bundle, table) in combos.items():
+        backend = _ort(decoder_bundle, cfg, "fp32" if name == "fp32" else "int8", vision=vision)
+        if vision not in tokens_of:
+            tokens_of[vision] = np.concatenate([backend.encode(token_set.volumes[i:i + 1])
+                                                for i in range(len(token_set))])
+        tokens, fp32_tokens = tokens_of[vision], tokens_of[fp32 / VISION_FILE]
         t0 = time.perf_counter()
         task = task_metrics(backend_predictor(backend, tables[table], cfg, tokenizer, None), studies,
                             cfg.prompt.default_question)

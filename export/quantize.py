@@ -315,10 +315,10 @@ def quantize_vision_int8(src: Path, dst: Path, volumes: np.ndarray, cfg: QuantCo
     projector runs on the pooled tokens (64 of the demo's 512, 256 of M3D-LaMed's 2,048), so int8 there saves
     almost no time (1.2% of the M3D-shaped encoder's multiply-adds). Measured on the stage-3 demo teacher, 64
     studies disjoint from calibration and gate studies: mean relative visual-token error vs fp32 0.0162 with
-    the projector at int8, 0.0077 in float. On the 200
-    gate studies the int8 vision graph alone keeps 100.2% of fp32's finding F1 with the projector in float
-    and 98.6% with it at int8 (2 true positives lost, 2 false positives added); the whole int8 word 99.3%
-    against 98.1%, across the 99% gate (benchmarks/quantize_parts.py).
+    the projector at int8, 0.0077 in float. On the 200 gate studies the int8 vision graph alone keeps 100.2%
+    of fp32's finding F1 with the projector in float and 98.6% with it at int8 (2 true positives lost, 2 false
+    positives added); the whole int8 word 99.3% against 98.1%, across the 99% gate
+    (benchmarks/quantize_parts.py).
     """
     import onnx
     from edgevlm.calibration import calibration_methods, volume_reader
