@@ -13,6 +13,9 @@ eval` does), per finding type:
   when the positive mass is split over several words ("small" / "moderate" / "large").
 A high AUC with a low recall says the decisions are calibrated towards "none" (the reports under-call), not
 that the model does not see the finding: a training problem of the decision tokens, not of the encoder.
+`sides`: at the side word of each present effusion / pneumothorax line ("small, right"), teacher-forced the
+same way, the AUC of P(left) / (P(left) + P(right)) between left and right studies and how often the
+likeliest of left / right / bilateral is the true side: does the decoder read the side of what it found?
 Writes benchmarks/results/decision-tokens-<model name>.json and prints a table.
 """
 
@@ -28,7 +31,7 @@ import torch
 
 from edgevlm.checkpoint import load_checkpoint
 from edgevlm.data.reports import _IMPRESSION_SLOTS
-from edgevlm.eval.operating_points import decision_probs
+from edgevlm.eval.operating_points import SIDES, decision_probs, side_probs, teacher_forced_reports
 from edgevlm.eval.runner import synthetic_studies
 from edgevlm.models.tokenizer import load_tokenizer
 from edgevlm.train import finding_auc
@@ -53,6 +56,20 @@ def summarize(p_pos: np.ndarray, truth: np.ndarray, greedy: np.ndarray) -> dict:
     return out
 
 
+def summarize_sides(rows_by_line: dict[str, list[dict]]) -> dict:
+    out = {}
+    for key, rows in rows_by_line.items():
+        lr = [r for r in rows if r["truth"] in ("left", "right")]
+        score = torch.tensor([[r["left"] / max(r["left"] + r["right"], 1e-12)] for r in lr])
+        truth = torch.tensor([[float(r["truth"] == "left")] for r in lr])
+        auc = finding_auc(score, truth, ("left",)).get("left") if lr else None
+        correct = [max(SIDES, key=lambda s, r=r: r[s]) == r["truth"] for r in rows]
+        out[key] = {"n": len(rows), "n_left": sum(r["truth"] == "left" for r in rows),
+                    "n_right": sum(r["truth"] == "right" for r in rows), "left_vs_right_auc": auc,
+                    "side_accuracy": round(float(np.mean(correct)), 3) if rows else None}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True,
@@ -64,9 +81,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.model)
     t0 = time.perf_counter()
-    p_none, truth, greedy = decision_probs(ckpt.model.float().eval(), load_tokenizer(ckpt.tokenizer_json),
-                                           synthetic_studies(args.studies))
+    tokenizer = load_tokenizer(ckpt.tokenizer_json)
+    # Held in memory, (report tokens, vocab) per study, so the studies render once for both summaries.
+    forced = list(teacher_forced_reports(ckpt.model.float().eval(), tokenizer, synthetic_studies(args.studies)))
+    p_none, truth, greedy = decision_probs(tokenizer, forced)
     per_type = summarize(1.0 - p_none, truth, greedy)
+    sides = summarize_sides(side_probs(tokenizer, forced))
     print(f"{'finding':<18}{'n+':>4}{'AUC':>7}{'greedy recall':>15}{'P>0.5 recall':>14}{'greedy FPR':>12}"
           f"{'median P+':>11}")
     for kind, r in per_type.items():
@@ -74,9 +94,12 @@ def main() -> None:
               f"{r['greedy_recall'] if r['greedy_recall'] is not None else '-':>15}"
               f"{r['p_above_half_recall'] if r['p_above_half_recall'] is not None else '-':>14}"
               f"{r['greedy_fpr']:>12}{r['median_p_positive_when_present'] if r['n_positive'] else '-':>11}")
+    for key, r in sides.items():
+        print(f"side at {key:<18} n {r['n']:>3} (left {r['n_left']}, right {r['n_right']}): left-vs-right AUC "
+              f"{r['left_vs_right_auc']}, side accuracy {r['side_accuracy']}")
     result = {"benchmark": "decision_tokens", "model": str(args.model), "name": ckpt.config.name,
               "heldout_studies": args.studies, "path": "native volume -> preprocess -> teacher-forced true report",
-              "per_type": per_type, "seconds": round(time.perf_counter() - t0, 1),
+              "per_type": per_type, "sides": sides, "seconds": round(time.perf_counter() - t0, 1),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = args.out or Path(__file__).parent / "results" / f"decision-tokens-{ckpt.config.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

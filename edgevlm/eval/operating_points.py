@@ -56,36 +56,70 @@ def decision_positions(text: str, offsets: list[tuple[int, int]]) -> list[tuple[
 
 
 @torch.no_grad()
-def decision_probs(model: Any, tokenizer: Any, studies: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P(none), truth, plain greedy says present), each (n_studies, n_types) in report order, teacher-forced
-    on each study's true report (studies as `edgevlm.eval.runner.synthetic_studies` yields them)."""
+def teacher_forced_reports(model: Any, tokenizer: Any, studies: Any) -> Any:
+    """Per study: (report text as trained on, its tokens' character offsets, (T, vocab) probabilities where row j
+    predicts report token j), teacher-forced on the true report from the native volume through the model's
+    preprocessing (studies as `edgevlm.eval.runner.synthetic_studies` yields them)."""
     from edgevlm.models.tokenizer import encode_prompt, special_ids
     from edgevlm.preprocess import preprocess
     from edgevlm.train import REPORT_QUESTIONS, model_recipe
 
     cfg = model.cfg
     ids = special_ids(tokenizer, cfg.prompt)
-    none_ids = tokenizer.encode(NONE_TOKEN, add_special_tokens=False).ids
-    if len(none_ids) != 1:
-        raise EdgeVLMError(f"{NONE_TOKEN!r} is {len(none_ids)} tokens in this model's tokenizer; operating points "
-                           "need one (a model trained on edgevlm's structured reports)")
-    none_id = none_ids[0]
     prompt = encode_prompt(tokenizer, cfg, REPORT_QUESTIONS[0])
     recipe = model_recipe(cfg)
-    p_none, truth, greedy = [], [], []
     for study in studies:
         # The training target is " " + report (`edgevlm.train.sequence_batch`): offsets index into that text.
         text = " " + study.truth["report"]
         enc = tokenizer.encode(text, add_special_tokens=False)
         volume = preprocess(study.volume, recipe)
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-        visual = model.encode_image(x)
-        probs = model.decoder(model.embed(torch.tensor([prompt + enc.ids]), visual, ids.image))[0].float().softmax(-1)
-        rows = [(len(prompt) + j - 1, present) for j, present in decision_positions(text, enc.offsets)]
-        p_none.append([float(probs[at, none_id]) for at, _ in rows])  # position `at` predicts answer token j
+        logits = model.decoder(model.embed(torch.tensor([prompt + enc.ids]), model.encode_image(x), ids.image))[0]
+        yield text, enc.offsets, logits[len(prompt) - 1:-1].float().softmax(-1)  # position t predicts token t + 1
+
+
+def decision_probs(tokenizer: Any, forced: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P(none), truth, plain greedy says present), each (n_studies, n_types) in report order, from
+    `teacher_forced_reports` (`forced`)."""
+    none_ids = tokenizer.encode(NONE_TOKEN, add_special_tokens=False).ids
+    if len(none_ids) != 1:
+        raise EdgeVLMError(f"{NONE_TOKEN!r} is {len(none_ids)} tokens in this model's tokenizer; operating points "
+                           "need one (a model trained on edgevlm's structured reports)")
+    none_id = none_ids[0]
+    p_none, truth, greedy = [], [], []
+    for text, offsets, probs in forced:
+        rows = decision_positions(text, offsets)
+        p_none.append([float(probs[j, none_id]) for j, _ in rows])
         truth.append([present for _, present in rows])
-        greedy.append([int(probs[at].argmax()) != none_id for at, _ in rows])
+        greedy.append([int(probs[j].argmax()) != none_id for j, _ in rows])
     return np.array(p_none), np.array(truth, dtype=bool), np.array(greedy, dtype=bool)
+
+
+SIDES = ("left", "right", "bilateral")
+
+
+def side_probs(tokenizer: Any, forced: Any) -> dict[str, list[dict[str, Any]]]:
+    """{line key: [{"truth": side, "left": P, "right": P, "bilateral": P}, ...]} at the side word of each
+    present effusion and pneumothorax impression line ("Pleural effusion: small, right."), from
+    `teacher_forced_reports` (`forced`): does the decoder read the side, given that the finding is there?"""
+    from edgevlm.data.reports import impression_answers
+
+    # A side's probability is its first token's: exact while the three first tokens differ.
+    side_ids = {side: tokenizer.encode(" " + side, add_special_tokens=False).ids[0] for side in SIDES}
+    if len(set(side_ids.values())) != len(SIDES):
+        raise EdgeVLMError(f"the sides {SIDES} share a first token in this model's tokenizer; side_probs needs "
+                           "them apart")
+    lateral = {"pleural_effusion", "pneumothorax"}
+    out: dict[str, list[dict[str, Any]]] = {key: [] for kind, key in impression_slots() if kind in lateral}
+    for text, offsets, probs in forced:
+        for (kind, key), (start, stop, present) in zip(impression_slots(), impression_answers(text), strict=True):
+            if kind not in lateral or not present:
+                continue
+            side = text[start:stop].split(",")[-1].strip()  # "small, right" or "right"
+            at = text.rindex(side, start, stop)
+            j = next(k for k, (_, end) in enumerate(offsets) if end > at)  # the token holding its first letter
+            out[key].append({"truth": side, **{s: float(probs[j, i]) for s, i in side_ids.items()}})
+    return out
 
 
 def presence_scores(called: np.ndarray, present: np.ndarray) -> dict[str, float | None]:
@@ -125,7 +159,8 @@ def calibrate_operating_points(model: Any, tokenizer: Any, n_studies: int = 400,
     if not 0.0 <= max_fpr <= 1.0:
         raise EdgeVLMError(f"max false-positive rate {max_fpr} is not in [0, 1]")
     t0 = time.perf_counter()
-    p_none, truth, greedy = decision_probs(model, tokenizer, synthetic_studies(n_studies, seed))
+    p_none, truth, greedy = decision_probs(tokenizer, teacher_forced_reports(model, tokenizer,
+                                                                              synthetic_studies(n_studies, seed)))
     slots = impression_slots()
     auc = finding_auc(torch.from_numpy(1.0 - p_none), torch.from_numpy(truth).float(),
                       tuple(kind for kind, _ in slots))

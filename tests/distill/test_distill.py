@@ -203,3 +203,53 @@ def test_impression_weights_reach_the_distillation_losses(tmp_path, teacher_path
     saved = load_checkpoint(weighted).extra["distillation"]["config"]
     assert (saved["impression_weight"], saved["positive_impression_weight"]) == (3.0, 2.0)
     assert load_checkpoint(plain).extra["distillation"]["config"]["impression_weight"] == 1.0
+
+
+def test_answer_rows_name_the_study_of_each_answer_position():
+    from edgevlm.distill import answer_rows
+
+    report_labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, 9, 10]])  # row 0: 2 answers, row 1: 4
+    qa_labels = torch.tensor([[-100, 3, 4], [-100, -100, 2], [-100, 1, 1]])
+    owner = torch.tensor([1, 0, 1])
+    # position t predicts token t + 1, so a row's answers are its labels[:, 1:] != -100, in row order
+    assert answer_rows(report_labels, qa_labels, owner).tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1]
+    assert answer_rows(report_labels, qa_labels[:0], owner[:0]).tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_probe_targets_come_from_the_ground_truth_or_the_teachers_report():
+    from edgevlm.data import sample_study
+    from edgevlm.distill import TrainStudy, probe_targets
+    from edgevlm.train import finding_labels, finding_targets
+
+    spec = sample_study(3)
+    labeled = TrainStudy("a", torch.zeros(1), None, spec=spec)
+    assert torch.equal(probe_targets(labeled), finding_targets(spec))
+    report = ("IMPRESSION:\nSmall left pleural effusion.\nNo pneumothorax.\n\n"
+              "FINDINGS:\nThere is a small left pleural effusion. No pneumothorax. The heart is not enlarged.")
+    unlabeled = TrainStudy("b", torch.zeros(1), None, labels={"report": report, "qa": []})
+    names = [n for n, v in zip(finding_labels(), probe_targets(unlabeled).tolist(), strict=True) if v]
+    assert names == ["pleural_effusion", "pleural_effusion:left"]
+
+
+def test_decoder_probe_trains_resumes_and_refuses_a_changed_weight(tmp_path, teacher_path, student_json):
+    """The probe term is logged (held-out too) and goes down, enters the total with its weight, and a resume
+    with the probe switched off is refused (the optimizer state holds the probe's parameters)."""
+    cfg = DistillConfig(teacher=str(teacher_path), student=str(student_json), data="synthetic:6", steps=16,
+                        batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=2, heldout_studies=2, eval_every=8,
+                        checkpoint_every=8, render_workers=1, threads=2, decoder_probe_weight=2.0)
+    out = tmp_path / "run"
+    distill(DistillConfig(**{**asdict(cfg), "steps": 8}), out, log=lambda _: None)
+    distill(cfg, out, log=lambda _: None)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 17))
+    probe = [h["probe"] for h in history]
+    assert all(p == p and p > 0 for p in probe)  # NaN never passes
+    assert sum(probe[-4:]) < sum(probe[:4]), probe
+    assert "probe" in history[-1]["heldout"]
+    first = history[0]
+    terms = first["kl"] + 0.5 * first["ce"] + first["vision"] + 0.5 * first["hidden"]  # cfg's default weights
+    assert first["total"] == pytest.approx(terms + 2.0 * first["probe"], abs=2e-3)
+
+    off = DistillConfig(**{**asdict(cfg), "steps": 20, "decoder_probe_weight": 0.0})
+    with pytest.raises(EdgeVLMError, match="decoder-probe-weight"):
+        distill(off, out, log=lambda _: None)

@@ -15,10 +15,12 @@ from edgevlm.cli import app
 from edgevlm.data import sample_study
 from edgevlm.data.reports import report_text
 from edgevlm.eval.operating_points import (
+    SIDES,
     choose_threshold,
     decision_positions,
     impression_slots,
     presence_scores,
+    side_probs,
 )
 from edgevlm.models import PromptConfig
 from edgevlm.models.tokenizer import decision_rules, train_tokenizer
@@ -47,6 +49,34 @@ def test_decision_positions_land_on_each_impression_answer(report_tokenizer):
             assert answer.startswith("none") != present, (key, answer[:20])
             checked_present += present
     assert checked_present >= 5  # the seeds include positive lines, not only "none"
+
+
+def test_side_probs_read_the_side_word_of_each_present_lateral_line(report_tokenizer):
+    """Probabilities that put all mass on the true report's next token at every position: side_probs must give
+    the true side P = 1 (read at the wrong position, it would see another token and give every side 0)."""
+    from edgevlm.data.findings import PLEURAL_EFFUSION, PNEUMOTHORAX
+
+    tok, vocab = report_tokenizer, report_tokenizer.get_vocab_size()
+    forced, expected = [], {"Pleural effusion:": [], "Pneumothorax:": []}
+    for seed in range(400):
+        spec = sample_study(seed)
+        sides = {f.type: f.side for f in spec.findings if f.type in (PLEURAL_EFFUSION, PNEUMOTHORAX)}
+        if not sides:
+            continue
+        text = " " + report_text(spec, np.random.default_rng(seed))
+        enc = tok.encode(text, add_special_tokens=False)
+        forced.append((text, enc.offsets, torch.nn.functional.one_hot(torch.tensor(enc.ids), vocab).float()))
+        for kind, key in ((PLEURAL_EFFUSION, "Pleural effusion:"), (PNEUMOTHORAX, "Pneumothorax:")):
+            if kind in sides:
+                expected[key].append(sides[kind])
+        if len(forced) == 30:
+            break
+    out = side_probs(tok, forced)
+    assert {k: [r["truth"] for r in rows] for k, rows in out.items()} == expected
+    assert all(len(rows) >= 5 for rows in out.values())
+    for rows in out.values():
+        for r in rows:
+            assert r[r["truth"]] == 1.0 and sum(r[s] for s in SIDES) == 1.0
 
 
 def test_each_keys_rule_is_the_ids_that_precede_its_answer_inside_a_report(report_tokenizer):
