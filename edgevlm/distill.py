@@ -25,6 +25,8 @@ Losses (weights in `DistillConfig`; each is a mean over answer positions or visu
           answer position (`edgevlm.train.DecoderProbe`, the teacher's recipe): each position must know
           every finding, with its side and lobe. Targets: the ground truth, or what the teacher's report
           states for unlabeled studies. Off by default (`decoder_probe_weight` 0).
+  pooled_probe  the same targets from a linear probe on the mean of the student's visual tokens (off by
+          default, `pooled_probe_weight` 0).
 The teacher is frozen, so its ViT tokens and visual tokens are computed once per study and cached; each
 step runs only the teacher's decoder. Training studies come from `synthetic:N` (seeds 0..N-1, rendered
 at the model grid as in `edgevlm.train`) or a folder of study folders (DICOM series or NIfTI, unlabeled:
@@ -125,6 +127,10 @@ class DistillConfig:
     # the query at "small," cannot depend on the line it is on, and KL at the few side words did not
     # teach its attention to gather the side (weighting every positive answer 6x did not either).
     decoder_probe_weight: float = 0.0
+    # The `pooled_probe` loss: the same finding targets from the MEAN of the student's visual tokens. Why: an
+    # average (what one attention layer with a query blind to its line computes) keeps a finding's side only
+    # if the tokens' content says it, not just their place in the grid.
+    pooled_probe_weight: float = 0.0
     init_from_teacher: bool = True
     # A trained checkpoint to start from instead of the teacher (same shape matching and layer map), e.g.
     # a shallower student from the shipped one: its layers already follow the teacher.
@@ -287,7 +293,8 @@ def distill_losses(student: MedVLM, teacher: MedVLM, projections: nn.ModuleDict,
                    teacher_visual: torch.Tensor, labeled: bool, sentence_ends: torch.Tensor | None = None,
                    qa_shift: torch.Tensor | None = None,
                    report_weights: torch.Tensor | None = None,
-                   probe: tuple[nn.Module, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   probe: tuple[nn.Module, torch.Tensor] | None = None,
+                   pooled_probe: tuple[nn.Module, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every loss term and their weighted sum ("total") for one batch.
 
     student_batch: make_batch(...) for the student's prompt layout; teacher_batch: (reports, qas, image_id)
@@ -300,7 +307,8 @@ def distill_losses(student: MedVLM, teacher: MedVLM, projections: nn.ModuleDict,
     """
     volumes, reports, qas, image_id = student_batch
     patch = student.vision.patch_tokens(volumes)  # (B, N, C_s)
-    logits, hidden, targets = answer_outputs(student, student.projector(patch), reports, qas, image_id, qa_shift)
+    visual = student.projector(patch)  # (B, M, dim)
+    logits, hidden, targets = answer_outputs(student, visual, reports, qas, image_id, qa_shift)
     with torch.no_grad():
         t_logits, t_hidden, t_targets = answer_outputs(teacher, teacher_visual, *teacher_batch, qa_shift=qa_shift)
     if not torch.equal(targets, t_targets):
@@ -319,8 +327,11 @@ def distill_losses(student: MedVLM, teacher: MedVLM, projections: nn.ModuleDict,
         rows = answer_rows(reports[1], qas[1], qas[2]).to(findings.device)
         losses["probe"] = (F.binary_cross_entropy_with_logits(head(hidden).float(), findings[rows].float())
                            if rows.numel() else hidden.sum() * 0.0)
+    if pooled_probe is not None:
+        head, findings = pooled_probe
+        losses["pooled_probe"] = F.binary_cross_entropy_with_logits(head(visual.mean(1)).float(), findings.float())
     weights = {"kl": cfg.w_kl, "ce": cfg.w_ce, "seq": cfg.w_seq, "vision": cfg.w_vision, "hidden": cfg.w_hidden,
-               "probe": cfg.decoder_probe_weight}
+               "probe": cfg.decoder_probe_weight, "pooled_probe": cfg.pooled_probe_weight}
     losses["total"] = sum(weights[k] * v for k, v in losses.items())
     return losses
 
@@ -527,9 +538,11 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
             f"decoder layers {init['decoder_layer_map']}), {len(init['skipped'])} fresh")
     projections = feature_projections(student_cfg, teacher_cfg).to(device)
     probe_head = DecoderProbe(student_cfg.decoder.dim, len(finding_labels())).to(device)
+    pooled_head = DecoderProbe(student_cfg.decoder.dim, len(finding_labels())).to(device)
     optimizer = make_optimizer(
         [*student.named_parameters(), *(("proj." + n, p) for n, p in projections.named_parameters()),
-         *((("probe." + n, p) for n, p in probe_head.named_parameters()) if cfg.decoder_probe_weight > 0 else ())],
+         *((("probe." + n, p) for n, p in probe_head.named_parameters()) if cfg.decoder_probe_weight > 0 else ()),
+         *((("pooled." + n, p) for n, p in pooled_head.named_parameters()) if cfg.pooled_probe_weight > 0 else ())],
         cfg.lr, cfg.weight_decay)
     start_step, history = 0, []
     last = out_dir / "last.pt"
@@ -539,11 +552,14 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
         projections.load_state_dict(state["projections"])
         if "decoder_probe" in state:
             probe_head.load_state_dict(state["decoder_probe"])
+        if "pooled_probe" in state:
+            pooled_head.load_state_dict(state["pooled_probe"])
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError:
-            raise EdgeVLMError("last.pt was written with another --decoder-probe-weight (0 or not); resume with the "
-                               "same, or start over with --fresh", last) from None
+            raise EdgeVLMError("last.pt was written with the probes on or off otherwise (--decoder-probe-weight, "
+                               "--pooled-probe-weight); resume with the same, or start over with --fresh",
+                               last) from None
         start_step, history, init = int(state["step"]), json.loads(state["history"]), json.loads(state["init"])
         log(f"resumed from {last} at step {start_step}")
 
@@ -558,13 +574,15 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
                                          autocast, progress)
     log(f"{len(studies)} studies ready in {time.perf_counter() - t0:.0f} s")
     heldout = heldout_set(cfg, student_cfg, teacher_cfg, teacher, device, autocast)
-    findings = torch.stack([probe_targets(s) for s in studies]) if cfg.decoder_probe_weight > 0 else None
+    probing = cfg.decoder_probe_weight > 0 or cfg.pooled_probe_weight > 0
+    findings = torch.stack([probe_targets(s) for s in studies]) if probing else None
 
-    def probe_for(members: list[TrainStudy], idx: list[int] | None = None) -> tuple | None:
+    def probes_for(members: list[TrainStudy], idx: list[int] | None = None) -> dict[str, tuple | None]:
         if findings is None:
-            return None
-        rows = findings[idx] if idx is not None else torch.stack([probe_targets(s) for s in members])
-        return probe_head, rows.to(device)
+            return {}
+        rows = (findings[idx] if idx is not None else torch.stack([probe_targets(s) for s in members])).to(device)
+        return {"probe": (probe_head, rows) if cfg.decoder_probe_weight > 0 else None,
+                "pooled_probe": (pooled_head, rows) if cfg.pooled_probe_weight > 0 else None}
 
     def batch_for(members: list[TrainStudy], texts: list, patch: list, visual: list) -> tuple:
         s_batch = make_batch([s.volume for s in members], texts, tokenizer, student_cfg, ids_s, device)
@@ -600,7 +618,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
         with autocast:
             losses = distill_losses(student, teacher, projections, cfg, *args, labeled=labeled,
                                     sentence_ends=sentence_ends, qa_shift=qa_shift_for(args),
-                                    report_weights=report_weights, probe=probe_for([], idx))
+                                    report_weights=report_weights, **probes_for([], idx))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.grad_clip)
@@ -613,7 +631,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
             if heldout is not None:
                 with torch.no_grad(), autocast:
                     h = distill_losses(student, teacher, projections, cfg, *batch_for(*heldout), labeled=True,
-                                       sentence_ends=sentence_ends, probe=probe_for(heldout[0]))
+                                       sentence_ends=sentence_ends, **probes_for(heldout[0]))
                 record["heldout"] = {k: round(v.item(), 4) for k, v in h.items()}
             if evaluate is not None:
                 record["eval"] = evaluate(student, tokenizer, student_cfg)
@@ -621,14 +639,14 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
             log(f"step {step + 1}: " + json.dumps({k: record[k] for k in ("heldout", "eval") if k in record}))
         history.append(record)
         if (step + 1) % cfg.log_every == 0:
-            terms = ", ".join(f"{k} {record[k]:.4f}" for k in ("total", "kl", "ce", "seq", "vision", "hidden", "probe")
-                              if k in record)
+            terms = ", ".join(f"{k} {record[k]:.4f}" for k in ("total", "kl", "ce", "seq", "vision", "hidden", "probe",
+                                                                 "pooled_probe") if k in record)
             log(f"step {step + 1}/{cfg.steps}: {terms}, lr {record['lr']:.2e}, {record['s_per_step']:.2f} s/step")
         if progress:
             progress(step + 1, cfg.steps, record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             state = {"student": student.state_dict(), "projections": projections.state_dict(),
-                     "decoder_probe": probe_head.state_dict(),
+                     "decoder_probe": probe_head.state_dict(), "pooled_probe": pooled_head.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step + 1, "history": json.dumps(history),
                      "init": json.dumps(init)}
             atomic_write(last, lambda p, s=state: torch.save(s, p))

@@ -40,6 +40,9 @@ def distill_cmd(
                                                       help="Weight of a training-only finding probe on the "
                                                            "student's decoder state at every answer position "
                                                            "(default 0: off)."),
+    pooled_probe_weight: float | None = typer.Option(None, "--pooled-probe-weight", min=0.0,
+                                                     help="Weight of a training-only finding probe on the mean of "
+                                                          "the student's visual tokens (default 0: off)."),
     report_loss: str | None = typer.Option(None, "--report-loss",
                                            help="sentence (default): report positions weighted per sentence; token."),
     qa_position_jitter: int | None = typer.Option(None, "--qa-position-jitter",
@@ -74,7 +77,8 @@ def distill_cmd(
                "device": device, "threads": threads, "eval_every": eval_every, "report_loss": report_loss,
                "qa_position_jitter": qa_position_jitter, "impression_weight": impression_weight,
                "positive_impression_weight": positive_impression_weight,
-               "counterfactual_reports": counterfactual_reports, "decoder_probe_weight": decoder_probe_weight}
+               "counterfactual_reports": counterfactual_reports, "decoder_probe_weight": decoder_probe_weight,
+               "pooled_probe_weight": pooled_probe_weight}
     cfg = dataclasses.replace(cfg, teacher=str(teacher), student=student, data=data,
                               **{k: v for k, v in options.items() if v is not None})
     if no_init:

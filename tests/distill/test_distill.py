@@ -231,25 +231,27 @@ def test_probe_targets_come_from_the_ground_truth_or_the_teachers_report():
     assert names == ["pleural_effusion", "pleural_effusion:left"]
 
 
-def test_decoder_probe_trains_resumes_and_refuses_a_changed_weight(tmp_path, teacher_path, student_json):
-    """The probe term is logged (held-out too) and goes down, enters the total with its weight, and a resume
-    with the probe switched off is refused (the optimizer state holds the probe's parameters)."""
+def test_probes_train_resume_and_refuse_a_changed_weight(tmp_path, teacher_path, student_json):
+    """Both probe terms are logged (held-out too) and go down, enter the total with their weights, and a resume
+    with the probes switched off is refused (the optimizer state holds the probes' parameters)."""
     cfg = DistillConfig(teacher=str(teacher_path), student=str(student_json), data="synthetic:6", steps=16,
                         batch_studies=4, qa_per_study=2, lr=3e-3, warmup_steps=2, heldout_studies=2, eval_every=8,
-                        checkpoint_every=8, render_workers=1, threads=2, decoder_probe_weight=2.0)
+                        checkpoint_every=8, render_workers=1, threads=2, decoder_probe_weight=2.0,
+                        pooled_probe_weight=0.5)
     out = tmp_path / "run"
     distill(DistillConfig(**{**asdict(cfg), "steps": 8}), out, log=lambda _: None)
     distill(cfg, out, log=lambda _: None)
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 17))
-    probe = [h["probe"] for h in history]
-    assert all(p == p and p > 0 for p in probe)  # NaN never passes
-    assert sum(probe[-4:]) < sum(probe[:4]), probe
-    assert "probe" in history[-1]["heldout"]
+    for term in ("probe", "pooled_probe"):
+        values = [h[term] for h in history]
+        assert all(v == v and v > 0 for v in values)  # NaN never passes
+        assert sum(values[-4:]) < sum(values[:4]), (term, values)
+        assert term in history[-1]["heldout"]
     first = history[0]
     terms = first["kl"] + 0.5 * first["ce"] + first["vision"] + 0.5 * first["hidden"]  # cfg's default weights
-    assert first["total"] == pytest.approx(terms + 2.0 * first["probe"], abs=2e-3)
+    assert first["total"] == pytest.approx(terms + 2.0 * first["probe"] + 0.5 * first["pooled_probe"], abs=2e-3)
 
-    off = DistillConfig(**{**asdict(cfg), "steps": 20, "decoder_probe_weight": 0.0})
+    off = DistillConfig(**{**asdict(cfg), "steps": 20, "decoder_probe_weight": 0.0, "pooled_probe_weight": 0.0})
     with pytest.raises(EdgeVLMError, match="decoder-probe-weight"):
         distill(off, out, log=lambda _: None)
