@@ -83,8 +83,8 @@ def main() -> None:
             flat = loo_ridge_auc(t.reshape(len(rows), -1), y, 1e2)
             mean = loo_ridge_auc(t.mean(1), y, 1e1)
             per_type[kind] = {"n": len(rows), "n_left": int(y.sum()), "flat_auc": flat, "mean_auc": mean}
-            print(f"{path.name:<28}{kind:<18}{len(rows):>4}{int(y.sum()):>6}{flat:>8}{mean:>8}")
-        result["per_model"][path.name] = per_type
+            print(f"{str(path)[-27:]:<28}{kind:<18}{len(rows):>4}{int(y.sum()):>6}{flat:>8}{mean:>8}")
+        result["per_model"][str(path)] = per_type
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
