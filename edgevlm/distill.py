@@ -121,15 +121,16 @@ class DistillConfig:
     # As TrainConfig.counterfactual_reports (labelled studies only): reports swapped for another study's,
     # their impression answers out of the loss, so the student's findings text follows its impression too.
     counterfactual_reports: float = 0.0
-    # The `probe` loss (module docstring). Why: teacher-forced on its true reports, a 1-decoder-layer
-    # student ranked left vs right effusions at chance at the side word (AUC 0.49 on 18 studies; its
-    # teacher 0.98) although its visual tokens hold the side (linear probe AUC 0.96): with one layer,
-    # the query at "small," cannot depend on the line it is on, and KL at the few side words did not
-    # teach its attention to gather the side (weighting every positive answer 6x did not either).
+    # The `probe` loss (module docstring). Why it was tried: teacher-forced on its true reports, a
+    # 1-decoder-layer student ranked left vs right effusions at chance at the side word (AUC 0.49 on 18;
+    # its teacher 0.98) although its visual tokens hold the side by place (benchmarks/side_readout.py).
+    # Measured on the shipped student (README, Distillation): closed-question accuracy 94.9% -> 95.7-96.2%
+    # of the teacher's, the side still at chance.
     decoder_probe_weight: float = 0.0
-    # The `pooled_probe` loss: the same finding targets from the MEAN of the student's visual tokens. Why: an
-    # average (what one attention layer with a query blind to its line computes) keeps a finding's side only
-    # if the tokens' content says it, not just their place in the grid.
+    # The `pooled_probe` loss: the same finding targets from the MEAN of the student's visual tokens. Why it
+    # was tried: an average (what one attention layer with a query blind to its line computes) keeps a
+    # finding's side only if the tokens' content says it, not just their place in the grid. Measured: it
+    # did not put the side into the mean and cost F1 (README, Distillation).
     pooled_probe_weight: float = 0.0
     init_from_teacher: bool = True
     # A trained checkpoint to start from instead of the teacher (same shape matching and layer map), e.g.
