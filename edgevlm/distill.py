@@ -303,8 +303,8 @@ def distill_losses(student: MedVLM, teacher: MedVLM, projections: nn.ModuleDict,
     teacher_patch: teacher ViT tokens on the student's grid (B, N, C_t); teacher_visual: (B, M_t, dim_t).
     sentence_ends: `sentence_end_table`, for a sentence-mean report loss (`answer_weights`); qa_shift: rotary
     offsets of the QA text, the same for student and teacher (`text_rope_positions`); report_weights: (B, T)
-    per-token factors on the report positions (`impression_weights`); probe: (DecoderProbe, finding
-    targets (B, L)) adds the `probe` term.
+    per-token factors on the report positions (`impression_weights`); probe / pooled_probe: (DecoderProbe,
+    finding targets (B, L)) add the `probe` / `pooled_probe` terms.
     """
     volumes, reports, qas, image_id = student_batch
     patch = student.vision.patch_tokens(volumes)  # (B, N, C_s)
@@ -577,11 +577,13 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
     heldout = heldout_set(cfg, student_cfg, teacher_cfg, teacher, device, autocast)
     probing = cfg.decoder_probe_weight > 0 or cfg.pooled_probe_weight > 0
     findings = torch.stack([probe_targets(s) for s in studies]) if probing else None
+    heldout_findings = torch.stack([probe_targets(s) for s in heldout[0]]) if probing and heldout else None
 
-    def probes_for(members: list[TrainStudy], idx: list[int] | None = None) -> dict[str, tuple | None]:
-        if findings is None:
+    def probes_for(rows: torch.Tensor | None) -> dict[str, tuple | None]:
+        """`distill_losses`' probe arguments for a batch of finding targets (B, L); none when probing is off."""
+        if rows is None:
             return {}
-        rows = (findings[idx] if idx is not None else torch.stack([probe_targets(s) for s in members])).to(device)
+        rows = rows.to(device)
         return {"probe": (probe_head, rows) if cfg.decoder_probe_weight > 0 else None,
                 "pooled_probe": (pooled_head, rows) if cfg.pooled_probe_weight > 0 else None}
 
@@ -619,7 +621,8 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
         with autocast:
             losses = distill_losses(student, teacher, projections, cfg, *args, labeled=labeled,
                                     sentence_ends=sentence_ends, qa_shift=qa_shift_for(args),
-                                    report_weights=report_weights, **probes_for([], idx))
+                                    report_weights=report_weights,
+                                    **probes_for(None if findings is None else findings[idx]))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.grad_clip)
@@ -632,7 +635,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = True, log: C
             if heldout is not None:
                 with torch.no_grad(), autocast:
                     h = distill_losses(student, teacher, projections, cfg, *batch_for(*heldout), labeled=True,
-                                       sentence_ends=sentence_ends, **probes_for(heldout[0]))
+                                       sentence_ends=sentence_ends, **probes_for(heldout_findings))
                 record["heldout"] = {k: round(v.item(), 4) for k, v in h.items()}
             if evaluate is not None:
                 record["eval"] = evaluate(student, tokenizer, student_cfg)
