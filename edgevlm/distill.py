@@ -122,8 +122,9 @@ class DistillConfig:
     # their impression answers out of the loss, so the student's findings text follows its impression too.
     counterfactual_reports: float = 0.0
     # The `probe` loss (module docstring). Why it was tried: teacher-forced on its true reports, a
-    # 1-decoder-layer student ranked left vs right effusions at chance at the side word (AUC 0.49 on 18;
-    # its teacher 0.98) although its visual tokens hold the side by place (benchmarks/side_readout.py).
+    # 1-decoder-layer student named the effusion's side at the side word in 9 of 23 held-out studies (its
+    # teacher 20; benchmarks/decision_tokens.py `sides`) although its visual tokens hold the side by place
+    # (benchmarks/side_readout.py).
     # Measured on the shipped student (README, Distillation): closed-question accuracy 94.9% -> 95.7-96.2%
     # of the teacher's, the side still at chance.
     decoder_probe_weight: float = 0.0
