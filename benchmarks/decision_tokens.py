@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from edgevlm.checkpoint import load_checkpoint
+from edgevlm.data.findings import SIDES
 from edgevlm.data.reports import _IMPRESSION_SLOTS
-from edgevlm.eval.operating_points import SIDES, decision_probs, side_probs, teacher_forced_reports
+from edgevlm.eval.operating_points import decision_probs, side_probs, teacher_forced_reports
 from edgevlm.eval.runner import synthetic_studies
 from edgevlm.models.tokenizer import load_tokenizer
 from edgevlm.train import finding_auc

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from edgevlm.checkpoint import load_checkpoint
+from edgevlm.data.findings import LATERAL_TYPES
 from edgevlm.train import HELDOUT_SEED_START, finding_auc, render_study
-
-LATERAL = ("pleural_effusion", "pneumothorax")
 
 
 def loo_ridge_auc(x: np.ndarray, y: np.ndarray, ridge: float) -> float | None:
@@ -63,7 +62,7 @@ def main() -> None:
     with torch.no_grad():
         for seed in range(HELDOUT_SEED_START + 9_000, HELDOUT_SEED_START + 9_000 + args.studies):
             volume, spec = render_study(seed, models[0].cfg)
-            found = {f.type: f.side for f in spec.findings if f.type in LATERAL and f.side in ("left", "right")}
+            found = {f.type: f.side for f in spec.findings if f.type in LATERAL_TYPES and f.side in ("left", "right")}
             if not found:
                 continue
             sides.append(found)
@@ -75,7 +74,7 @@ def main() -> None:
     print(f"{'model':<28}{'finding':<18}{'n':>4}{'left':>6}{'flat':>8}{'mean':>8}")
     for path, model_tokens in zip(args.model, tokens, strict=True):
         per_type = {}
-        for kind in LATERAL:
+        for kind in LATERAL_TYPES:
             rows = [i for i, s in enumerate(sides) if kind in s]
             y = np.array([sides[i][kind] == "left" for i in rows], dtype=np.float64)
             t = np.stack([model_tokens[i] for i in rows]).astype(np.float64)

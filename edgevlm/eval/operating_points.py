@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgevlm.data.findings import LATERAL_TYPES, SIDES
 from edgevlm.errors import EdgeVLMError
 
 NONE_TOKEN = " none"  # how an impression line states an absent finding (edgevlm.data.reports)
@@ -95,9 +96,6 @@ def decision_probs(tokenizer: Any, forced: Any) -> tuple[np.ndarray, np.ndarray,
     return np.array(p_none), np.array(truth, dtype=bool), np.array(greedy, dtype=bool)
 
 
-SIDES = ("left", "right", "bilateral")
-
-
 def side_probs(tokenizer: Any, forced: Any) -> dict[str, list[dict[str, Any]]]:
     """{line key: [{"truth": side, "left": P, "right": P, "bilateral": P}, ...]} at the side word of each
     present effusion and pneumothorax impression line ("Pleural effusion: small, right."), from
@@ -109,11 +107,10 @@ def side_probs(tokenizer: Any, forced: Any) -> dict[str, list[dict[str, Any]]]:
     if len(set(side_ids.values())) != len(SIDES):
         raise EdgeVLMError(f"the sides {SIDES} share a first token in this model's tokenizer; side_probs needs "
                            "them apart")
-    lateral = {"pleural_effusion", "pneumothorax"}
-    out: dict[str, list[dict[str, Any]]] = {key: [] for kind, key in impression_slots() if kind in lateral}
+    out: dict[str, list[dict[str, Any]]] = {key: [] for kind, key in impression_slots() if kind in LATERAL_TYPES}
     for text, offsets, probs in forced:
         for (kind, key), (start, stop, present) in zip(impression_slots(), impression_answers(text), strict=True):
-            if kind not in lateral or not present:
+            if kind not in LATERAL_TYPES or not present:
                 continue
             side = text[start:stop].split(",")[-1].strip()  # "small, right" or "right"
             at = text.rindex(side, start, stop)
