@@ -35,7 +35,8 @@ def tiny_config(variant: str = "gqa") -> MedVLMConfig:
     """A model small enough to export and check in seconds; `variant` switches decoder/vision features.
 
     gqa: grouped-query attention (4 heads, 2 kv), CLS on, spp projector, learned positions.
-    fused: Phi-3 fused qkv / gate_up, multi-head attention, qkv bias (Qwen2), CLS off; 1 layer.
+    fused: Phi-3 fused qkv / gate_up, multi-head attention, qkv bias (Qwen2), CLS off, a visual position
+        table after the projector; 1 layer.
     tied: tied embeddings, factorized positions, mlp projector, one kv head (MQA), CLS on; 1 layer.
     """
     from edgevlm.preprocess import RECIPES
@@ -48,6 +49,7 @@ def tiny_config(variant: str = "gqa") -> MedVLMConfig:
     if variant == "fused":
         vision = replace(vision, cls_token=False, qkv_bias=True, depth=1)
         decoder = replace(decoder, n_kv_heads=4, fused_qkv=True, fused_gate_up=True, qkv_bias=True, n_layers=1)
+        projector = replace(projector, pos_embed=True)
     elif variant == "tied":
         vision = replace(vision, pos_embed="factorized", image_size=(4, 8, 8), depth=1)
         decoder = replace(decoder, n_kv_heads=1, tie_embeddings=True, n_layers=1)
@@ -71,6 +73,8 @@ def make_checkpoint(path: str | Path, cfg: MedVLMConfig, seed: int = 0) -> Path:
             model.decoder.embed_tokens.weight.mul_(25.0)
         else:
             model.decoder.lm_head.weight.mul_(25.0)
+        if model.projector.pos_embed is not None:  # zero at init: make it count in the graphs
+            torch.nn.init.normal_(model.projector.pos_embed)
     return save_checkpoint(model, path, tokenizer_json=tokenizer_json(cfg.decoder.vocab_size))
 
 

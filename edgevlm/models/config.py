@@ -76,6 +76,12 @@ class ProjectorConfig:
     # where without it the projector output drifts to a large constant "soft prompt" and the vision
     # encoder's gradient vanishes behind it.
     output_norm: bool = False
+    # A learned (num_visual_tokens, decoder_dim) table added to the visual tokens, zero at the start. Off for
+    # M3D-LaMed. Why: the decoder sees visual tokens only through attention, and a one-layer decoder's query
+    # is the current text token alone, so it reads the image as content-weighted means that lose WHERE the
+    # content was (the side of an effusion). The table writes each token's place into its content, so the
+    # same mean over the fluid-bearing tokens also says which side they are on.
+    pos_embed: bool = False
 
     def __post_init__(self) -> None:
         self.pool = _as_triple(self.pool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,6 +20,11 @@ class Projector(nn.Module):
         self.linear1 = nn.Linear(vision_dim, hidden)
         self.linear2 = nn.Linear(hidden, decoder_dim)
         self.norm = RMSNorm(decoder_dim, eps=1e-6) if cfg.output_norm else None
+        n_tokens = grid[0] * grid[1] * grid[2]
+        if cfg.kind == "spp":
+            n_tokens //= cfg.pool[0] * cfg.pool[1] * cfg.pool[2]
+        # Zero at the start: a checkpoint without the table loads into this shape and behaves as before.
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, decoder_dim)) if cfg.pos_embed else None
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, vision_dim) grid tokens in raster order -> (B, M, decoder_dim)."""
@@ -30,4 +36,5 @@ class Projector(nn.Module):
             x = F.avg_pool3d(x, kernel_size=self.cfg.pool, stride=self.cfg.pool)
             tokens = x.flatten(2).transpose(1, 2)
         tokens = self.linear2(F.gelu(self.linear1(tokens)))
-        return tokens if self.norm is None else self.norm(tokens)
+        tokens = tokens if self.norm is None else self.norm(tokens)
+        return tokens if self.pos_embed is None else tokens + self.pos_embed
