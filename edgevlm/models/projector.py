@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,9 +22,8 @@ class Projector(nn.Module):
         self.linear1 = nn.Linear(vision_dim, hidden)
         self.linear2 = nn.Linear(hidden, decoder_dim)
         self.norm = RMSNorm(decoder_dim, eps=1e-6) if cfg.output_norm else None
-        n_tokens = grid[0] * grid[1] * grid[2]
-        if cfg.kind == "spp":
-            n_tokens //= cfg.pool[0] * cfg.pool[1] * cfg.pool[2]
+        pool = cfg.pool if cfg.kind == "spp" else (1, 1, 1)
+        n_tokens = math.prod(g // p for g, p in zip(grid, pool, strict=True))  # as avg_pool3d floors
         # Zero at the start: a checkpoint without the table loads into this shape and behaves as before.
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, decoder_dim)) if cfg.pos_embed else None
 
